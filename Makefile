@@ -1,0 +1,40 @@
+# miniproxy — see README.md. The two commands a new user needs: `make lab` and `make test`.
+SHELL := /bin/bash
+GO ?= go
+export MINIPROXY_CACHE ?= /var/cache/miniproxy
+BIN := $(CURDIR)/bin
+STATICCHECK_VERSION := v0.7.0
+
+.PHONY: build test unit e2e lab bench bench-quick lint provision clean
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+unit:
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test/e2e)
+
+e2e: build
+	bash hack/provision.sh
+	$(GO) test -count=1 -v -timeout 40m ./test/e2e/...
+
+test: unit e2e
+
+lab: build
+	bash hack/lab.sh
+
+bench:
+	bash bench/run.sh
+
+bench-quick:
+	QUICK=1 bash bench/run.sh
+
+provision:
+	bash hack/provision.sh
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+clean:
+	rm -rf $(BIN) lab-report e2e-results

@@ -1,0 +1,141 @@
+package model
+
+import (
+	"net/netip"
+	"sort"
+)
+
+// Eligibility is the answer to "which endpoints may serve this service port on
+// this node", per kind of traffic. Every backend programs exactly these sets.
+type Eligibility struct {
+	// Cluster is used for traffic under the Cluster traffic policy: ready
+	// endpoints (filtered by topology), or serving-but-terminating endpoints
+	// when none is ready.
+	Cluster []Endpoint
+	// Local is used under the Local traffic policy: ready endpoints on this
+	// node, or serving-but-terminating local endpoints when none is ready.
+	Local []Endpoint
+	// Internal is what traffic from inside the cluster (ClusterIP) may reach:
+	// Local if internalTrafficPolicy is Local, else Cluster.
+	Internal []Endpoint
+	// External is what NodePort / externalIP / load-balancer traffic may reach:
+	// Local if externalTrafficPolicy is Local, else Cluster.
+	External []Endpoint
+	// All is the union of Internal and External without duplicates, in
+	// endpoint order: the endpoints a backend must create a target for.
+	All []Endpoint
+}
+
+// Eligible computes the endpoint sets for sp on node. It follows kube-proxy's
+// rules: terminating endpoints are a fallback only when no endpoint is ready
+// (KEP-1669), topology hints apply only to Cluster traffic and only when every
+// candidate carries hints and at least one matches this node's zone (KEP-2433),
+// and the Local policies never fall back to remote endpoints.
+func (sp *ServicePort) Eligible(node Node) Eligibility {
+	var e Eligibility
+	e.Cluster = pick(sp.Endpoints, func(ep Endpoint) bool { return true })
+	e.Cluster = filterTopology(sp, node, e.Cluster)
+	e.Local = pick(sp.Endpoints, func(ep Endpoint) bool { return ep.NodeName != "" && ep.NodeName == node.Name })
+
+	e.Internal, e.External = e.Cluster, e.Cluster
+	if sp.InternalPolicyLocal {
+		e.Internal = e.Local
+	}
+	if sp.ExternalPolicyLocal && sp.HasExternal() {
+		e.External = e.Local
+	}
+	if !sp.HasExternal() {
+		e.External = nil
+	}
+	e.All = union(e.Internal, e.External)
+	return e
+}
+
+// pick returns the ready endpoints accepted by keep, or, if there are none, the
+// serving-and-terminating ones.
+func pick(eps []Endpoint, keep func(Endpoint) bool) []Endpoint {
+	var ready, terminating []Endpoint
+	for _, ep := range eps {
+		if !keep(ep) {
+			continue
+		}
+		switch {
+		case ep.Ready:
+			ready = append(ready, ep)
+		case ep.Serving && ep.Terminating:
+			terminating = append(terminating, ep)
+		}
+	}
+	if len(ready) > 0 {
+		return ready
+	}
+	return terminating
+}
+
+func filterTopology(sp *ServicePort, node Node, eps []Endpoint) []Endpoint {
+	if node.Zone == "" || len(eps) == 0 {
+		return eps
+	}
+	allHinted, anyHinted, match := true, false, false
+	for _, ep := range eps {
+		if len(ep.ZoneHints) == 0 {
+			allHinted = false
+			continue
+		}
+		anyHinted = true
+		for _, z := range ep.ZoneHints {
+			if z == node.Zone {
+				match = true
+			}
+		}
+	}
+	var out []Endpoint
+	switch {
+	case anyHinted:
+		// Hints are all-or-nothing: a partially hinted slice set means the
+		// controller is mid-update, so use every endpoint (as kube-proxy does).
+		if !allHinted || !match {
+			return eps
+		}
+		for _, ep := range eps {
+			for _, z := range ep.ZoneHints {
+				if z == node.Zone {
+					out = append(out, ep)
+					break
+				}
+			}
+		}
+	case sp.PreferClose:
+		// No hints published (no EndpointSlice controller, or an older one):
+		// honour PreferClose from the endpoints' own zones.
+		for _, ep := range eps {
+			if ep.Zone == node.Zone {
+				out = append(out, ep)
+			}
+		}
+		if len(out) == 0 {
+			return eps
+		}
+	default:
+		return eps
+	}
+	return out
+}
+
+func union(a, b []Endpoint) []Endpoint {
+	if len(b) == 0 {
+		return a
+	}
+	seen := make(map[netip.AddrPort]bool, len(a)+len(b))
+	out := make([]Endpoint, 0, len(a)+len(b))
+	for _, list := range [][]Endpoint{a, b} {
+		for _, ep := range list {
+			if k := ep.AddrPort(); !seen[k] {
+				seen[k] = true
+				out = append(out, ep)
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].AddrPort().Compare(out[j].AddrPort()) < 0 })
+	return out
+}

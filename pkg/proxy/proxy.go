@@ -1,0 +1,120 @@
+// Package proxy defines the contract between miniproxy's sync loop and its
+// dataplane backends (iptables, nftables, ipvs), and the settings they share.
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+)
+
+// Backend programs a model snapshot into the kernel.
+type Backend interface {
+	// Sync makes the kernel match snap. When full is false the backend may
+	// send only what changed since its last successful Sync; when full is
+	// true it must reconcile against what is really in the kernel (drift
+	// repair) and rewrite everything that differs. A failed Sync must leave
+	// the previously committed rules in place (apply is atomic).
+	Sync(ctx context.Context, snap *model.Snapshot, full bool) (Result, error)
+	// Cleanup removes everything this backend ever created, and nothing else.
+	Cleanup(ctx context.Context) error
+}
+
+// Result describes one sync, for metrics and logs.
+type Result struct {
+	Full bool
+	// Changed is how many service ports were (re)written.
+	Changed int
+	// Rules is a backend-defined size of what was sent (lines, netlink
+	// messages, IPVS calls).
+	Rules int
+}
+
+// LocalMode is --detect-local-mode.
+type LocalMode string
+
+// The local-traffic detectors miniproxy supports.
+const (
+	LocalModeClusterCIDR LocalMode = "ClusterCIDR"
+	LocalModeNodeCIDR    LocalMode = "NodeCIDR"
+	LocalModeNone        LocalMode = "None"
+)
+
+// Config holds the settings every backend honours. The zero value is usable
+// (no local-traffic detector, NodePorts on every local address).
+type Config struct {
+	// Families lists the IP families to program. Empty means IPv4 only.
+	Families []model.Family
+	// ClusterCIDRs are --cluster-cidr (at most one per family).
+	ClusterCIDRs []netip.Prefix
+	// LocalMode selects how "traffic from a local pod" is recognised.
+	LocalMode LocalMode
+	// MasqueradeAll masquerades all traffic to service IPs (--masquerade-all).
+	MasqueradeAll bool
+	// MasqueradeBit is the fwmark bit used to flag packets for SNAT (kube-proxy's default is 14).
+	MasqueradeBit int
+	// NodePortAddresses restricts NodePorts to local addresses in these CIDRs.
+	// Empty means every local address.
+	NodePortAddresses []netip.Prefix
+	// NodePortPrimary means --nodeport-addresses=primary: only the node's
+	// addresses from its Node object.
+	NodePortPrimary bool
+	// LocalhostNodePorts allows NodePorts on 127.0.0.1 (iptables mode, IPv4).
+	LocalhostNodePorts bool
+}
+
+// HasFamily reports whether f is programmed.
+func (c *Config) HasFamily(f model.Family) bool {
+	if len(c.Families) == 0 {
+		return f == model.IPv4
+	}
+	for _, x := range c.Families {
+		if x == f {
+			return true
+		}
+	}
+	return false
+}
+
+// LocalPrefixes returns the source prefixes that count as "from a local pod"
+// for family f under the configured detector, or nil when there is no detector.
+func (c *Config) LocalPrefixes(f model.Family, node model.Node) []netip.Prefix {
+	var src []netip.Prefix
+	switch c.LocalMode {
+	case LocalModeClusterCIDR, "":
+		src = c.ClusterCIDRs
+	case LocalModeNodeCIDR:
+		src = node.PodCIDRs
+	}
+	var out []netip.Prefix
+	for _, p := range src {
+		if model.FamilyOf(p.Addr()) == f {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// MarkMasq returns the fwmark value of the masquerade bit.
+func (c *Config) MarkMasq() uint32 {
+	bit := c.MasqueradeBit
+	if bit == 0 {
+		bit = 14
+	}
+	return 1 << uint(bit)
+}
+
+// Validate checks the settings before anything touches the kernel.
+func (c *Config) Validate() error {
+	if c.MasqueradeBit < 0 || c.MasqueradeBit > 31 {
+		return fmt.Errorf("masquerade bit %d out of range [0,31]", c.MasqueradeBit)
+	}
+	switch c.LocalMode {
+	case "", LocalModeClusterCIDR, LocalModeNodeCIDR, LocalModeNone:
+	default:
+		return fmt.Errorf("unsupported detect-local-mode %q (want ClusterCIDR, NodeCIDR or None)", c.LocalMode)
+	}
+	return nil
+}
