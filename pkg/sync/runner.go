@@ -1,0 +1,258 @@
+// Package sync decides when miniproxy programs the kernel.
+//
+// A Runner calls one sync function, never concurrently with itself, under four
+// rules:
+//
+//   - changes are coalesced: any number of Trigger calls between two syncs cause
+//     one sync, started no sooner than MinInterval after the previous sync
+//     started (--min-sync-period), so a burst of API events costs one rewrite;
+//   - drift repair: a full sync runs at least every MaxInterval (--sync-period),
+//     measured from the start of the previous full sync, so a stream of partial
+//     syncs can never postpone it;
+//   - a failed sync is retried with exponential backoff (RetryInitial doubling up
+//     to RetryMax, never sooner than MinInterval), and the retry is full because
+//     after a failure the backend's idea of what the kernel holds is unreliable;
+//   - the first sync is full and starts as soon as Run is called, so the caller
+//     should call Run only once its informers have synced.
+//
+// The package name shadows the standard library's sync on purpose (it is the
+// design's name for this layer); importers that need both alias one of them.
+package sync
+
+import (
+	"context"
+	"fmt"
+	stdsync "sync"
+	"time"
+
+	"k8s.io/utils/clock"
+)
+
+// Defaults applied by New to zero Config fields.
+const (
+	DefaultMaxInterval  = 30 * time.Second
+	DefaultRetryInitial = 1 * time.Second
+	DefaultRetryMax     = 30 * time.Second
+)
+
+// Config says how often the sync function may and must run.
+type Config struct {
+	// MinInterval is the least time between the starts of two syncs
+	// (--min-sync-period). Zero allows back-to-back syncs.
+	MinInterval time.Duration
+	// MaxInterval is the most time between the starts of two full syncs
+	// (--sync-period). Zero means DefaultMaxInterval. It is raised to
+	// MinInterval if smaller.
+	MaxInterval time.Duration
+	// RetryInitial is the delay after the first failed sync; it doubles
+	// with every further consecutive failure. Zero means DefaultRetryInitial.
+	RetryInitial time.Duration
+	// RetryMax caps the retry delay. Zero means DefaultRetryMax.
+	RetryMax time.Duration
+}
+
+// SyncFunc programs the dataplane. full asks for a complete reconcile (first
+// sync, periodic drift repair, or the first sync after a failure); otherwise
+// the function may send only what changed.
+type SyncFunc func(ctx context.Context, full bool) error
+
+// Status describes the runner's recent history, for health checks and logs.
+type Status struct {
+	// LastAttempt is when the most recent sync started (zero before the first).
+	LastAttempt time.Time
+	// LastSuccess is when the most recent successful sync finished.
+	LastSuccess time.Time
+	// LastError is the error of the most recent sync, nil if it succeeded.
+	LastError error
+	// ConsecutiveFailures counts failed syncs since the last success.
+	ConsecutiveFailures int
+	// Syncs counts every completed call of the sync function.
+	Syncs uint64
+}
+
+// Runner schedules calls of a SyncFunc. Create it with New.
+type Runner struct {
+	cfg Config
+	clk clock.WithTicker
+	fn  SyncFunc
+
+	// trigger has capacity one: a pending signal already means "sync soon",
+	// so further Triggers have nothing to add and are dropped (coalescing).
+	trigger chan struct{}
+
+	mu     stdsync.Mutex
+	status Status
+
+	// onWait, if set (tests only), is called each time the loop is about
+	// to block, with the time of the next scheduled sync. The timer for
+	// that time is already registered with the clock when it is called.
+	onWait func(due time.Time)
+}
+
+// New returns a Runner that calls fn. clk is normally clock.RealClock{}.
+func New(cfg Config, clk clock.WithTicker, fn SyncFunc) *Runner {
+	if cfg.MinInterval < 0 {
+		cfg.MinInterval = 0
+	}
+	if cfg.MaxInterval <= 0 {
+		cfg.MaxInterval = DefaultMaxInterval
+	}
+	if cfg.MaxInterval < cfg.MinInterval {
+		cfg.MaxInterval = cfg.MinInterval
+	}
+	if cfg.RetryInitial <= 0 {
+		cfg.RetryInitial = DefaultRetryInitial
+	}
+	if cfg.RetryMax <= 0 {
+		cfg.RetryMax = DefaultRetryMax
+	}
+	if cfg.RetryMax < cfg.RetryInitial {
+		cfg.RetryMax = cfg.RetryInitial
+	}
+	return &Runner{cfg: cfg, clk: clk, fn: fn, trigger: make(chan struct{}, 1)}
+}
+
+// Config returns the effective configuration (defaults applied).
+func (r *Runner) Config() Config { return r.cfg }
+
+// Trigger records that something changed. It never blocks and may be called
+// from any goroutine (typically informer event handlers), before or during Run.
+func (r *Runner) Trigger() {
+	select {
+	case r.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// LastSync returns when the last successful sync finished (zero if none has)
+// and the error of the most recent sync (nil if it succeeded).
+func (r *Runner) LastSync() (time.Time, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.status.LastSuccess, r.status.LastError
+}
+
+// Status returns a copy of the runner's status.
+func (r *Runner) Status() Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.status
+}
+
+// schedule is the loop's private state; only Run's goroutine touches it.
+type schedule struct {
+	started       bool      // a sync has run
+	lastStart     time.Time // start of the previous sync
+	lastFullStart time.Time // start of the previous full sync
+	lastEnd       time.Time // end of the previous sync
+	pending       bool      // a Trigger arrived since the previous sync started
+	failures      int       // consecutive failures
+}
+
+// next returns when the next sync is due. The first sync is due at once.
+func (r *Runner) next(s *schedule) time.Time {
+	if !s.started {
+		return time.Time{}
+	}
+	earliest := s.lastStart.Add(r.cfg.MinInterval)
+	due := s.lastFullStart.Add(r.cfg.MaxInterval)
+	if s.failures > 0 {
+		// While failing, changes do not speed up retries: a trigger
+		// would otherwise turn backoff into a retry every MinInterval.
+		// The retry is a full sync, so it covers pending changes too.
+		retry := s.lastEnd.Add(r.backoff(s.failures))
+		if retry.Before(earliest) {
+			retry = earliest
+		}
+		if retry.Before(due) {
+			due = retry
+		}
+		return due
+	}
+	if s.pending && earliest.Before(due) {
+		due = earliest
+	}
+	return due
+}
+
+// backoff returns the delay after the n-th consecutive failure (n >= 1).
+func (r *Runner) backoff(n int) time.Duration {
+	d := r.cfg.RetryInitial
+	for i := 1; i < n && d < r.cfg.RetryMax; i++ {
+		d *= 2
+	}
+	if d > r.cfg.RetryMax {
+		d = r.cfg.RetryMax
+	}
+	return d
+}
+
+// Run calls the sync function as scheduled until ctx is cancelled. It returns
+// as soon as ctx is done and no sync is running; a running sync gets ctx and is
+// expected to stop on cancellation.
+func (r *Runner) Run(ctx context.Context) {
+	var s schedule
+	needFull := true // first sync
+	for {
+		if ctx.Err() != nil {
+			return
+		}
+		due := r.next(&s)
+		if wait := due.Sub(r.clk.Now()); !due.IsZero() && wait > 0 {
+			timer := r.clk.NewTimer(wait)
+			if r.onWait != nil {
+				r.onWait(due)
+			}
+			select {
+			case <-ctx.Done():
+				timer.Stop()
+				return
+			case <-r.trigger:
+				// Re-plan: the change may bring the next sync forward.
+				timer.Stop()
+				s.pending = true
+				continue
+			case <-timer.C():
+			}
+		}
+		// Drain a trigger that raced with the timer: this sync covers it.
+		select {
+		case <-r.trigger:
+		default:
+		}
+
+		now := r.clk.Now()
+		full := needFull || !now.Before(s.lastFullStart.Add(r.cfg.MaxInterval))
+		s.started, s.lastStart, s.pending = true, now, false
+		if full {
+			s.lastFullStart = now
+		}
+		r.mu.Lock()
+		r.status.LastAttempt = now
+		r.mu.Unlock()
+
+		err := r.fn(ctx, full)
+		end := r.clk.Now()
+		s.lastEnd = end
+		if err != nil && ctx.Err() != nil {
+			// Shutting down: the sync was interrupted, not broken.
+			return
+		}
+
+		r.mu.Lock()
+		r.status.Syncs++
+		if err != nil {
+			s.failures++
+			needFull = true
+			r.status.LastError = fmt.Errorf("sync (full=%t) failed: %w", full, err)
+			r.status.ConsecutiveFailures = s.failures
+		} else {
+			s.failures = 0
+			needFull = false
+			r.status.LastError = nil
+			r.status.ConsecutiveFailures = 0
+			r.status.LastSuccess = end
+		}
+		r.mu.Unlock()
+	}
+}
