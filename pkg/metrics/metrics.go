@@ -1,0 +1,196 @@
+// Package metrics declares every Prometheus metric miniproxy exports, in one
+// place. Names and meanings follow kube-proxy's (subsystem "kubeproxy") where
+// miniproxy measures the same thing, so existing dashboards and alerts keep
+// working; metrics kube-proxy has no equivalent for use the "miniproxy" prefix.
+//
+// Nothing is registered globally: New registers on the caller's Registerer, so
+// tests and several proxies in one process never collide.
+package metrics
+
+import (
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+const kubeProxySubsystem = "kubeproxy"
+
+// Sync modes, the values of the "mode" label.
+const (
+	ModeFull    = "full"
+	ModePartial = "partial"
+)
+
+// syncBuckets span 1ms to about 16s (1ms doubling 15 times), as kube-proxy's
+// sync histograms do: a small sync takes milliseconds, a huge one seconds.
+var syncBuckets = prometheus.ExponentialBuckets(0.001, 2, 15)
+
+// networkProgrammingBuckets cover 1ms up to 5 minutes. Network programming
+// latency includes controller and watch delays as well as the sync, so it needs
+// fine buckets at the low end and coarse ones out to minutes.
+var networkProgrammingBuckets = func() []float64 {
+	b := []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5}
+	for s := 1.0; s < 60; s++ { // 1s steps up to a minute
+		b = append(b, s)
+	}
+	for s := 60.0; s < 120; s += 5 {
+		b = append(b, s)
+	}
+	for s := 120.0; s <= 300; s += 30 {
+		b = append(b, s)
+	}
+	return b
+}()
+
+// Metrics holds every metric. Fields may be used directly; the methods below
+// cover the common combinations.
+type Metrics struct {
+	// SyncDuration is the time of every sync (kube-proxy: SyncProxyRules latency).
+	SyncDuration prometheus.Histogram
+	// SyncFullDuration and SyncPartialDuration split SyncDuration by kind.
+	SyncFullDuration    prometheus.Histogram
+	SyncPartialDuration prometheus.Histogram
+	// LastSyncTimestamp is the Unix time of the last successful sync.
+	LastSyncTimestamp prometheus.Gauge
+	// LastQueuedTimestamp is the Unix time a sync was last requested.
+	LastQueuedTimestamp prometheus.Gauge
+	// NetworkProgrammingDuration is the time from an endpoint change in the
+	// cluster (the EndpointSlice's last-change-trigger-time) until the rules
+	// for it were programmed.
+	NetworkProgrammingDuration prometheus.Histogram
+	// ServiceChanges and EndpointChanges count Service and EndpointSlice
+	// changes received from the apiserver.
+	ServiceChanges  prometheus.Counter
+	EndpointChanges prometheus.Counter
+	// IPTablesRestoreFailures counts failed iptables-restore runs.
+	IPTablesRestoreFailures prometheus.Counter
+	// SyncFailures counts failed syncs by mode ("full" or "partial").
+	SyncFailures *prometheus.CounterVec
+	// ServicePorts is the number of service ports in the last synced snapshot.
+	ServicePorts prometheus.Gauge
+}
+
+// New creates the metrics and registers them on reg.
+func New(reg prometheus.Registerer) (*Metrics, error) {
+	m := &Metrics{
+		SyncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_proxy_rules_duration_seconds",
+			Help:      "SyncProxyRules latency in seconds",
+			Buckets:   syncBuckets,
+		}),
+		SyncFullDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_full_proxy_rules_duration_seconds",
+			Help:      "SyncProxyRules latency in seconds for full resyncs",
+			Buckets:   syncBuckets,
+		}),
+		SyncPartialDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_partial_proxy_rules_duration_seconds",
+			Help:      "SyncProxyRules latency in seconds for partial resyncs",
+			Buckets:   syncBuckets,
+		}),
+		LastSyncTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_proxy_rules_last_timestamp_seconds",
+			Help:      "The last time proxy rules were successfully synced",
+		}),
+		LastQueuedTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_proxy_rules_last_queued_timestamp_seconds",
+			Help:      "The last time a sync of proxy rules was queued",
+		}),
+		NetworkProgrammingDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "network_programming_duration_seconds",
+			Help:      "In Cluster Network Programming Latency in seconds",
+			Buckets:   networkProgrammingBuckets,
+		}),
+		ServiceChanges: prometheus.NewCounter(prometheus.CounterOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_proxy_rules_service_changes_total",
+			Help:      "Cumulative proxy rules Service changes",
+		}),
+		EndpointChanges: prometheus.NewCounter(prometheus.CounterOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_proxy_rules_endpoint_changes_total",
+			Help:      "Cumulative proxy rules Endpoint changes",
+		}),
+		IPTablesRestoreFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_proxy_rules_iptables_restore_failures_total",
+			Help:      "Cumulative proxy iptables restore failures",
+		}),
+		SyncFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "miniproxy",
+			Name:      "sync_failures_total",
+			Help:      "Cumulative failed proxy rules syncs, by mode (full or partial)",
+		}, []string{"mode"}),
+		ServicePorts: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "miniproxy",
+			Name:      "service_ports",
+			Help:      "Number of service ports in the last successfully synced snapshot",
+		}),
+	}
+	for _, c := range []prometheus.Collector{
+		m.SyncDuration, m.SyncFullDuration, m.SyncPartialDuration,
+		m.LastSyncTimestamp, m.LastQueuedTimestamp, m.NetworkProgrammingDuration,
+		m.ServiceChanges, m.EndpointChanges, m.IPTablesRestoreFailures,
+		m.SyncFailures, m.ServicePorts,
+	} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("registering metrics: %w", err)
+		}
+	}
+	// Export both label values from the start so a failure rate can be
+	// computed (and alerted on) before the first failure happens.
+	m.SyncFailures.WithLabelValues(ModeFull)
+	m.SyncFailures.WithLabelValues(ModePartial)
+	return m, nil
+}
+
+// SyncDone records a finished sync that started at start and took took.
+// A successful sync moves the last-sync timestamp; a failed one counts as a
+// failure of its mode. Durations are recorded either way, as kube-proxy does.
+func (m *Metrics) SyncDone(full bool, start time.Time, took time.Duration, err error) {
+	secs := took.Seconds()
+	m.SyncDuration.Observe(secs)
+	mode := ModePartial
+	if full {
+		mode = ModeFull
+		m.SyncFullDuration.Observe(secs)
+	} else {
+		m.SyncPartialDuration.Observe(secs)
+	}
+	if err != nil {
+		m.SyncFailures.WithLabelValues(mode).Inc()
+		return
+	}
+	m.LastSyncTimestamp.Set(unixSeconds(start.Add(took)))
+}
+
+// Queued records that a change is waiting for a sync.
+func (m *Metrics) Queued(t time.Time) { m.LastQueuedTimestamp.Set(unixSeconds(t)) }
+
+// NetworkProgrammed records the latency from a change's trigger time (the
+// EndpointSlice's endpoints.kubernetes.io/last-change-trigger-time) to now,
+// when the rules for it became active. Zero or future trigger times are
+// ignored: they come from missing annotations or skewed clocks.
+func (m *Metrics) NetworkProgrammed(trigger, now time.Time) {
+	if trigger.IsZero() || now.Before(trigger) {
+		return
+	}
+	m.NetworkProgrammingDuration.Observe(now.Sub(trigger).Seconds())
+}
+
+func unixSeconds(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }
+
+// Handler serves the metrics gathered by g (normally the *prometheus.Registry
+// given to New) in the Prometheus exposition format, for /metrics.
+func Handler(g prometheus.Gatherer) http.Handler {
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{})
+}
