@@ -1,0 +1,649 @@
+package ipvs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/google/nftables"
+	mobyipvs "github.com/moby/ipvs"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+)
+
+// DefaultInterface is the dummy interface service addresses are bound to,
+// named as in kube-proxy so node tooling recognises it.
+const DefaultInterface = "kube-ipvs0"
+
+// svcFlagPersistent is IP_VS_SVC_F_PERSISTENT. The kernel adds other flags
+// (e.g. hashed) to what it reports, so only this bit is compared.
+const svcFlagPersistent = 0x1
+
+// Options are the IPVS-mode settings beyond proxy.Config.
+type Options struct {
+	// Scheduler is --ipvs-scheduler (default rr).
+	Scheduler string
+	// StrictARP sets arp_ignore=1 and arp_announce=2 (conf/all) so the node
+	// does not answer ARP for the addresses on kube-ipvs0 (needed by
+	// MetalLB-style load balancers), as kube-proxy's strictARP does.
+	StrictARP bool
+	// NetNSPath selects the network namespace to program (e.g.
+	// /run/netns/node1); empty means the caller's own.
+	NetNSPath string
+	// Interface overrides the dummy interface name.
+	Interface string
+}
+
+// Backend implements proxy.Backend with IPVS.
+type Backend struct {
+	cfg  proxy.Config
+	opts Options
+
+	mu   sync.Mutex
+	nl   *netlink.Handle
+	ipvs *mobyipvs.Handle
+	nft  *nftables.Conn
+
+	// last is the plan of the last successful sync; lastVS indexes it.
+	last   *Plan
+	lastVS map[Key]*VirtualServer
+	// owned records virtual servers this process created; after a restart
+	// the all-vips sets in our nftables table carry the same record.
+	owned map[Key]bool
+	// draining holds real servers kept at weight 0 until their
+	// connections end.
+	draining map[Key]map[netip.AddrPort]bool
+	setup    bool
+	// nsFile keeps the namespace open for nftables' per-batch sockets.
+	nsFile *os.File
+}
+
+var _ proxy.Backend = (*Backend)(nil)
+
+// New opens netlink handles in the target namespace. Nothing is changed in
+// the kernel until the first Sync.
+func New(cfg proxy.Config, opts Options) (*Backend, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if opts.Scheduler == "" {
+		opts.Scheduler = DefaultScheduler
+	}
+	if !Schedulers[opts.Scheduler] {
+		return nil, fmt.Errorf("unsupported ipvs scheduler %q", opts.Scheduler)
+	}
+	if opts.Interface == "" {
+		opts.Interface = DefaultInterface
+	}
+	b := &Backend{cfg: cfg, opts: opts, owned: map[Key]bool{}, draining: map[Key]map[netip.AddrPort]bool{}}
+	ns := netns.None()
+	if opts.NetNSPath != "" {
+		h, err := netns.GetFromPath(opts.NetNSPath)
+		if err != nil {
+			return nil, fmt.Errorf("open netns %s: %w", opts.NetNSPath, err)
+		}
+		defer h.Close()
+		ns = h
+	}
+	var err error
+	if b.nl, err = netlink.NewHandleAt(ns); err != nil {
+		return nil, fmt.Errorf("netlink handle in %q: %w", opts.NetNSPath, err)
+	}
+	if !ipvsAvailable(opts.NetNSPath) {
+		b.nl.Close()
+		return nil, fmt.Errorf("the kernel has no IPVS (/proc/net/ip_vs missing; load ip_vs)")
+	}
+	if b.ipvs, err = mobyipvs.New(opts.NetNSPath); err != nil {
+		b.nl.Close()
+		return nil, fmt.Errorf("ipvs handle in %q: %w", opts.NetNSPath, err)
+	}
+	nftOpts := []nftables.ConnOption{}
+	if opts.NetNSPath != "" {
+		// nftables opens a socket per batch inside the namespace of this
+		// fd, so the fd must stay open for the backend's lifetime.
+		f, err := os.Open(opts.NetNSPath)
+		if err != nil {
+			b.Close()
+			return nil, fmt.Errorf("open netns %s for nftables: %w", opts.NetNSPath, err)
+		}
+		b.nsFile = f
+		nftOpts = append(nftOpts, nftables.WithNetNSFd(int(f.Fd())))
+	}
+	if b.nft, err = nftables.New(nftOpts...); err != nil {
+		b.Close()
+		return nil, fmt.Errorf("nftables conn: %w", err)
+	}
+	return b, nil
+}
+
+// ipvsAvailable checks without side effects whether IPVS is loaded (the
+// moby handle would otherwise try modprobe and log, then fail later).
+func ipvsAvailable(nsPath string) bool {
+	ok := false
+	_ = inNetNS(nsPath, func() error {
+		_, err := os.Stat("/proc/net/ip_vs")
+		ok = err == nil
+		return nil
+	})
+	return ok
+}
+
+// Close releases the netlink handles.
+func (b *Backend) Close() {
+	if b.ipvs != nil {
+		b.ipvs.Close()
+	}
+	if b.nl != nil {
+		b.nl.Close()
+	}
+	if b.nsFile != nil {
+		b.nsFile.Close()
+	}
+}
+
+// Sync implements proxy.Backend.
+func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (proxy.Result, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	res := proxy.Result{Full: full || b.last == nil}
+	if err := ctx.Err(); err != nil {
+		return res, err
+	}
+	if res.Full || !b.setup {
+		if err := b.setupNode(); err != nil {
+			return res, err
+		}
+	}
+	link, err := b.ensureLink()
+	if err != nil {
+		return res, err
+	}
+	nodeIPs, bound, err := b.addresses(link)
+	if err != nil {
+		return res, err
+	}
+	plan := BuildPlan(snap, &b.cfg, PlanOptions{Scheduler: b.opts.Scheduler}, nodeIPs)
+	want := make(map[Key]*VirtualServer, len(plan.VirtualServers))
+	for i := range plan.VirtualServers {
+		want[plan.VirtualServers[i].Key] = &plan.VirtualServers[i]
+	}
+
+	// Which virtual servers to look at in the kernel.
+	consider := map[Key]bool{}
+	if res.Full {
+		if b.last == nil {
+			// After a restart our record of node-address virtual servers
+			// is in our own nftables table.
+			rec, err := readOwnedVIPs(b.nft)
+			if err != nil {
+				return res, err
+			}
+			for _, k := range rec {
+				b.owned[k] = true
+			}
+		}
+		boundSet := map[netip.Addr]bool{}
+		for _, a := range bound {
+			boundSet[a] = true
+		}
+		svcs, err := b.ipvs.GetServices()
+		if err != nil {
+			return res, fmt.Errorf("list ipvs services: %w", err)
+		}
+		for _, s := range svcs {
+			k, ok := keyOf(s)
+			if !ok {
+				continue
+			}
+			// Ours: anything on our dummy interface, or recorded as ours.
+			// Virtual servers others made on node addresses are left alone.
+			if boundSet[k.IP] || b.owned[k] {
+				consider[k] = true
+			}
+		}
+		for k := range want {
+			consider[k] = true
+		}
+	} else {
+		for k, vs := range want {
+			if old, ok := b.lastVS[k]; !ok || !sameVS(old, vs) {
+				consider[k] = true
+			}
+		}
+		for k := range b.lastVS {
+			if want[k] == nil {
+				consider[k] = true
+			}
+		}
+		for k := range b.draining {
+			consider[k] = true
+		}
+	}
+
+	calls := 0
+	var errs []error
+	for _, k := range sortedKeys(consider) {
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		n, err := b.reconcileVS(k, want[k])
+		calls += n
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if want[k] != nil {
+			res.Changed++
+		}
+	}
+
+	// Bind wanted addresses, then drop the ones no virtual server uses.
+	wantBind := map[netip.Addr]bool{}
+	for _, a := range plan.BindAddrs {
+		wantBind[a] = true
+	}
+	boundNow := map[netip.Addr]bool{}
+	for _, a := range bound {
+		boundNow[a] = true
+		if !wantBind[a] {
+			if err := b.nl.AddrDel(link, hostAddr(a)); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+				errs = append(errs, fmt.Errorf("unbind %s from %s: %w", a, b.opts.Interface, err))
+			}
+			calls++
+		}
+	}
+	for _, a := range plan.BindAddrs {
+		if !boundNow[a] {
+			if err := b.nl.AddrAdd(link, hostAddr(a)); err != nil && !errors.Is(err, unix.EEXIST) {
+				errs = append(errs, fmt.Errorf("bind %s to %s: %w", a, b.opts.Interface, err))
+			}
+			calls++
+		}
+	}
+
+	if res.Full || b.last == nil || !sameFilter(&b.last.Filter, &plan.Filter) || !sameAddrs(b.last.BindAddrs, plan.BindAddrs) {
+		n, err := queueTable(b.nft, &plan.Filter, plan.BindAddrs)
+		if err == nil {
+			err = b.nft.Flush()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("nftables table %s: %w", TableName, err))
+		}
+		calls += n
+	}
+	res.Rules = calls
+	if err := errors.Join(errs...); err != nil {
+		// IPVS has no transactions: what succeeded stays, and the caller's
+		// next (full) sync repairs the rest against the kernel.
+		b.last = nil
+		return res, fmt.Errorf("ipvs sync: %w", err)
+	}
+	b.last = plan
+	b.lastVS = want
+	for k := range b.owned {
+		if want[k] == nil {
+			delete(b.owned, k)
+		}
+	}
+	for k := range want {
+		b.owned[k] = true
+	}
+	return res, nil
+}
+
+// reconcileVS makes one virtual server match vs (nil: delete it). It returns
+// the number of IPVS calls made.
+func (b *Backend) reconcileVS(k Key, vs *VirtualServer) (int, error) {
+	calls := 0
+	probe := ipvsService(k, nil)
+	cur, err := b.ipvs.GetService(probe)
+	exists := err == nil && cur != nil
+	if vs == nil {
+		delete(b.draining, k)
+		if !exists {
+			return 0, nil
+		}
+		if err := b.ipvs.DelService(probe); err != nil {
+			return 1, fmt.Errorf("delete virtual server %s: %w", k, err)
+		}
+		return 1, nil
+	}
+	svc := ipvsService(k, vs)
+	switch {
+	case !exists:
+		if err := b.ipvs.NewService(svc); err != nil {
+			return 1, fmt.Errorf("create virtual server %s (%s): %w", k, vs.Service, err)
+		}
+		calls++
+	case cur.SchedName != svc.SchedName || cur.Flags&svcFlagPersistent != svc.Flags&svcFlagPersistent ||
+		(svc.Flags&svcFlagPersistent != 0 && cur.Timeout != svc.Timeout):
+		if err := b.ipvs.UpdateService(svc); err != nil {
+			return 1, fmt.Errorf("update virtual server %s: %w", k, err)
+		}
+		calls++
+	}
+	var dests []*mobyipvs.Destination
+	if exists {
+		if dests, err = b.ipvs.GetDestinations(svc); err != nil {
+			return calls + 1, fmt.Errorf("list real servers of %s: %w", k, err)
+		}
+		calls++
+	}
+	have := map[netip.AddrPort]*mobyipvs.Destination{}
+	for _, d := range dests {
+		if a, ok := netip.AddrFromSlice(d.Address); ok {
+			have[netip.AddrPortFrom(a.Unmap(), d.Port)] = d
+		}
+	}
+	var errs []error
+	drain := b.draining[k]
+	for _, rs := range vs.Reals {
+		d := have[rs.Addr]
+		delete(have, rs.Addr)
+		delete(drain, rs.Addr)
+		switch {
+		case d == nil:
+			err = b.ipvs.NewDestination(svc, ipvsDest(rs.Addr, rs.Weight))
+		case d.Weight != rs.Weight:
+			err = b.ipvs.UpdateDestination(svc, ipvsDest(rs.Addr, rs.Weight))
+		default:
+			continue
+		}
+		calls++
+		if err != nil {
+			errs = append(errs, fmt.Errorf("real server %s of %s: %w", rs.Addr, k, err))
+		}
+	}
+	// Real servers no longer wanted: TCP ones drain at weight 0 until their
+	// connections are gone (checked again on every sync), as kube-proxy's
+	// graceful termination does; UDP has no connection end to wait for.
+	for a, d := range have {
+		if k.Proto == model.UDP || d.ActiveConnections+d.InactiveConnections == 0 {
+			err = b.ipvs.DelDestination(svc, ipvsDest(a, 0))
+			delete(drain, a)
+		} else if d.Weight != 0 {
+			err = b.ipvs.UpdateDestination(svc, ipvsDest(a, 0))
+			if drain == nil {
+				drain = map[netip.AddrPort]bool{}
+			}
+			drain[a] = true
+		} else {
+			if drain == nil {
+				drain = map[netip.AddrPort]bool{}
+			}
+			drain[a] = true
+			continue
+		}
+		calls++
+		if err != nil {
+			errs = append(errs, fmt.Errorf("retire real server %s of %s: %w", a, k, err))
+		}
+	}
+	if len(drain) > 0 {
+		b.draining[k] = drain
+	} else {
+		delete(b.draining, k)
+	}
+	return calls, errors.Join(errs...)
+}
+
+// Draining returns the real servers currently held at weight 0, for tests
+// and metrics.
+func (b *Backend) Draining() map[Key][]netip.AddrPort {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := map[Key][]netip.AddrPort{}
+	for k, m := range b.draining {
+		for a := range m {
+			out[k] = append(out[k], a)
+		}
+	}
+	return out
+}
+
+// Cleanup removes miniproxy's virtual servers, the dummy interface and the
+// nftables table, and nothing else.
+func (b *Backend) Cleanup(ctx context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var errs []error
+	rec, err := readOwnedVIPs(b.nft)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	owned := map[Key]bool{}
+	for _, k := range rec {
+		owned[k] = true
+	}
+	for k := range b.owned {
+		owned[k] = true
+	}
+	bound := map[netip.Addr]bool{}
+	link, lerr := b.nl.LinkByName(b.opts.Interface)
+	if lerr == nil {
+		addrs, err := b.nl.AddrList(link, netlink.FAMILY_ALL)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list addresses of %s: %w", b.opts.Interface, err))
+		}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok {
+				bound[ip.Unmap()] = true
+			}
+		}
+	}
+	svcs, err := b.ipvs.GetServices()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("list ipvs services: %w", err))
+	}
+	for _, s := range svcs {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		k, ok := keyOf(s)
+		if ok && (bound[k.IP] || owned[k]) {
+			if err := b.ipvs.DelService(s); err != nil {
+				errs = append(errs, fmt.Errorf("delete virtual server %s: %w", k, err))
+			}
+		}
+	}
+	if lerr == nil {
+		if err := b.nl.LinkDel(link); err != nil {
+			errs = append(errs, fmt.Errorf("delete %s: %w", b.opts.Interface, err))
+		}
+	}
+	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}
+	b.nft.AddTable(t)
+	b.nft.DelTable(t)
+	if err := b.nft.Flush(); err != nil {
+		errs = append(errs, fmt.Errorf("delete nftables table %s: %w", TableName, err))
+	}
+	b.last, b.lastVS = nil, nil
+	b.owned = map[Key]bool{}
+	b.draining = map[Key]map[netip.AddrPort]bool{}
+	return errors.Join(errs...)
+}
+
+// setupNode sets the IPVS sysctls kube-proxy's IPVS mode relies on, inside
+// the target namespace only.
+func (b *Backend) setupNode() error {
+	set := map[string]string{
+		// Conntrack entries for IPVS connections, so nftables masquerade
+		// applies to IPVS-forwarded packets.
+		"net/ipv4/vs/conntrack": "1",
+		// Drop connections to deleted real servers instead of black-holing.
+		"net/ipv4/vs/expire_nodest_conn": "1",
+		// Persistence templates of weight-0 real servers expire, so affinity
+		// does not pin clients to a draining endpoint.
+		"net/ipv4/vs/expire_quiescent_template": "1",
+	}
+	if b.opts.StrictARP {
+		set["net/ipv4/conf/all/arp_ignore"] = "1"
+		set["net/ipv4/conf/all/arp_announce"] = "2"
+	}
+	err := inNetNS(b.opts.NetNSPath, func() error {
+		for k, v := range set {
+			if err := os.WriteFile(filepath.Join("/proc/sys", k), []byte(v), 0o644); err != nil {
+				return fmt.Errorf("sysctl %s=%s: %w", k, v, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	b.setup = true
+	return nil
+}
+
+func (b *Backend) ensureLink() (netlink.Link, error) {
+	link, err := b.nl.LinkByName(b.opts.Interface)
+	if err == nil {
+		return link, nil
+	}
+	var nf netlink.LinkNotFoundError
+	if !errors.As(err, &nf) {
+		return nil, fmt.Errorf("look up %s: %w", b.opts.Interface, err)
+	}
+	// Left down on purpose, as kube-proxy does: local routes for its
+	// addresses exist anyway, and a down device never answers ARP.
+	d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: b.opts.Interface}}
+	if err := b.nl.LinkAdd(d); err != nil && !errors.Is(err, unix.EEXIST) {
+		return nil, fmt.Errorf("create dummy interface %s (is the dummy driver loaded?): %w", b.opts.Interface, err)
+	}
+	link, err = b.nl.LinkByName(b.opts.Interface)
+	if err != nil {
+		return nil, fmt.Errorf("look up %s after creating it: %w", b.opts.Interface, err)
+	}
+	return link, nil
+}
+
+// addresses returns the node's own addresses (candidates for NodePorts) and
+// those bound to the dummy interface.
+func (b *Backend) addresses(link netlink.Link) (node, bound []netip.Addr, err error) {
+	addrs, err := b.nl.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, nil, fmt.Errorf("list node addresses: %w", err)
+	}
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if a.LinkIndex == link.Attrs().Index {
+			bound = append(bound, ip)
+		} else {
+			node = append(node, ip)
+		}
+	}
+	return node, bound, nil
+}
+
+func hostAddr(a netip.Addr) *netlink.Addr {
+	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}}
+}
+
+func ipvsService(k Key, vs *VirtualServer) *mobyipvs.Service {
+	s := &mobyipvs.Service{
+		Address:       k.IP.AsSlice(),
+		Protocol:      uint16(protoNum(k.Proto)),
+		Port:          k.Port,
+		AddressFamily: unix.AF_INET,
+		Netmask:       0xffffffff,
+	}
+	if k.IP.Is6() {
+		s.AddressFamily, s.Netmask = unix.AF_INET6, 128
+	}
+	if vs != nil {
+		s.SchedName = vs.Scheduler
+		if vs.Persistence > 0 {
+			s.Flags = svcFlagPersistent
+			s.Timeout = vs.Persistence
+		}
+	}
+	return s
+}
+
+func ipvsDest(a netip.AddrPort, weight int) *mobyipvs.Destination {
+	d := &mobyipvs.Destination{
+		Address:         a.Addr().AsSlice(),
+		Port:            a.Port(),
+		Weight:          weight,
+		ConnectionFlags: mobyipvs.ConnectionFlagMasq,
+		AddressFamily:   unix.AF_INET,
+	}
+	if a.Addr().Is6() {
+		d.AddressFamily = unix.AF_INET6
+	}
+	return d
+}
+
+func keyOf(s *mobyipvs.Service) (Key, bool) {
+	if s.FWMark != 0 {
+		return Key{}, false
+	}
+	ip, ok := netip.AddrFromSlice(s.Address)
+	if !ok {
+		return Key{}, false
+	}
+	var p model.Protocol
+	switch s.Protocol {
+	case unix.IPPROTO_TCP:
+		p = model.TCP
+	case unix.IPPROTO_UDP:
+		p = model.UDP
+	case unix.IPPROTO_SCTP:
+		p = model.SCTP
+	default:
+		return Key{}, false
+	}
+	return Key{IP: ip.Unmap(), Proto: p, Port: s.Port}, true
+}
+
+// inNetNS runs fn on a thread switched into the namespace at path (or on the
+// current thread when path is empty).
+func inNetNS(path string, fn func() error) error {
+	if path == "" {
+		return fn()
+	}
+	errc := make(chan error, 1)
+	// A fresh goroutine whose thread is discarded if switching back fails,
+	// so no other goroutine ever runs in the wrong namespace.
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		target, err := netns.GetFromPath(path)
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open netns %s: %w", path, err)
+			return
+		}
+		defer target.Close()
+		if err := netns.Set(target); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter netns %s: %w", path, err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- ferr
+	}()
+	return <-errc
+}
