@@ -1,0 +1,228 @@
+package nftables
+
+import (
+	"context"
+	"fmt"
+	"sort"
+
+	gnft "github.com/google/nftables"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
+	rs "github.com/miniproxy/miniproxy/pkg/nftables/ruleset"
+)
+
+// elemChunk bounds the elements per netlink message: the element list is one
+// nested attribute whose length field is 16 bits, so a message must stay
+// well under 64 KiB whatever the chain names' length.
+const elemChunk = 200
+
+// conn opens a connection for one batch of msgs messages and about size
+// bytes. The kernel acknowledges every message of a batch only after the
+// commit, all at once, so the receive buffer must hold them all or the acks
+// overflow (ENOBUFS) even though the commit succeeded; and the whole batch is
+// one sendmsg, so the send buffer must hold it. nft sizes its socket the same
+// way.
+func (b *Backend) conn(msgs, size int) (*gnft.Conn, error) {
+	var opts []gnft.ConnOption
+	if b.netns != 0 {
+		opts = append(opts, gnft.WithNetNSFd(b.netns))
+	}
+	if msgs > 0 {
+		snd, rcv := size+(1<<20), msgs*1024+(1<<20)
+		opts = append(opts, gnft.WithSockOptions(func(c *netlink.Conn) error {
+			raw, err := c.SyscallConn()
+			if err != nil {
+				return fmt.Errorf("netlink raw conn: %w", err)
+			}
+			var serr error
+			if err := raw.Control(func(fd uintptr) {
+				serr = setBuf(int(fd), unix.SO_SNDBUFFORCE, unix.SO_SNDBUF, snd)
+				if serr == nil {
+					serr = setBuf(int(fd), unix.SO_RCVBUFFORCE, unix.SO_RCVBUF, rcv)
+				}
+			}); err != nil {
+				return fmt.Errorf("netlink socket control: %w", err)
+			}
+			return serr
+		}))
+	}
+	c, err := gnft.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("opening nftables netlink connection: %w", err)
+	}
+	return c, nil
+}
+
+// setBuf sets a socket buffer, forcing past the sysctl maximum when allowed
+// (CAP_NET_ADMIN) and falling back to the capped value otherwise.
+func setBuf(fd, force, plain, n int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, force, n); err == nil {
+		return nil
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, plain, n); err != nil {
+		return fmt.Errorf("setting socket buffer to %d bytes: %w", n, err)
+	}
+	return nil
+}
+
+// size estimates the message count and bytes of a plan.
+func (p *plan) size() (msgs, bytes int) {
+	if p.replace {
+		msgs += 3
+	}
+	msgs += len(p.addSets) + len(p.addChains) + len(p.flushChains) + 2*len(p.delChains) + len(p.delSets)
+	bytes += 300 * msgs
+	for _, c := range p.writeChains {
+		msgs += len(c.Rules)
+		bytes += 700 * len(c.Rules)
+	}
+	for _, m := range []map[string][]rs.Element{p.addElems, p.delElems} {
+		for _, es := range m {
+			msgs += (len(es) + elemChunk - 1) / elemChunk
+			bytes += 300 * len(es)
+		}
+	}
+	return msgs, bytes
+}
+
+// apply sends every plan as one batch and returns the number of messages.
+func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
+	msgs, size := 0, 0
+	for _, p := range plans {
+		m, s := p.size()
+		msgs, size = msgs+m, size+s
+	}
+	if msgs == 0 {
+		return 0, nil
+	}
+	c, err := b.conn(msgs, size)
+	if err != nil {
+		return 0, err
+	}
+	for _, p := range plans {
+		if err := p.emit(c); err != nil {
+			return 0, fmt.Errorf("building %s batch: %w", famName(p.family), err)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return 0, fmt.Errorf("%w: %w", errCanceled, err)
+	}
+	if err := c.Flush(); err != nil {
+		return msgs, fmt.Errorf("netlink batch of %d messages: %w", msgs, err)
+	}
+	return msgs, nil
+}
+
+func sortedKeys(m map[string][]rs.Element) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func chainSpec(t *gnft.Table, c *rs.Chain) *gnft.Chain {
+	g := &gnft.Chain{Name: c.Name, Table: t}
+	if c.Base != nil {
+		g.Type = gnft.ChainTypeFilter
+		if c.Base.Type == rs.TypeNAT {
+			g.Type = gnft.ChainTypeNAT
+		}
+		switch c.Base.Hook {
+		case rs.HookPrerouting:
+			g.Hooknum = gnft.ChainHookPrerouting
+		case rs.HookInput:
+			g.Hooknum = gnft.ChainHookInput
+		case rs.HookForward:
+			g.Hooknum = gnft.ChainHookForward
+		case rs.HookOutput:
+			g.Hooknum = gnft.ChainHookOutput
+		case rs.HookPostrouting:
+			g.Hooknum = gnft.ChainHookPostrouting
+		}
+		g.Priority = gnft.ChainPriorityRef(gnft.ChainPriority(c.Base.Priority))
+		accept := gnft.ChainPolicyAccept
+		g.Policy = &accept
+	}
+	return g
+}
+
+// emit queues the plan's messages on c in dependency order.
+func (p *plan) emit(c *gnft.Conn) error {
+	t := &gnft.Table{Name: rs.TableName, Family: tableFamily(p.family)}
+	if p.replace {
+		// add+delete+add: atomically replaces a leftover table (e.g.
+		// from a previous run) and works when there is none.
+		c.AddTable(t)
+		c.DelTable(t)
+		c.AddTable(t)
+	}
+	for _, s := range p.addSets {
+		if err := c.AddSet(setSpec(t, p.family, s), nil); err != nil {
+			return fmt.Errorf("set %s: %w", s.Name, err)
+		}
+	}
+	for _, ch := range p.addChains {
+		c.AddChain(chainSpec(t, ch))
+	}
+	for _, name := range p.flushChains {
+		c.FlushChain(&gnft.Chain{Name: name, Table: t})
+	}
+	for _, ch := range p.writeChains {
+		gc := &gnft.Chain{Name: ch.Name, Table: t}
+		for _, r := range ch.Rules {
+			ex, err := ruleExprs(p.family, r)
+			if err != nil {
+				return fmt.Errorf("chain %s: %w", ch.Name, err)
+			}
+			c.AddRule(&gnft.Rule{Table: t, Chain: gc, Exprs: ex})
+		}
+	}
+	elems := func(m map[string][]rs.Element, del bool) error {
+		for _, name := range sortedKeys(m) {
+			s, ok := p.sets[name]
+			if !ok {
+				return fmt.Errorf("elements for unknown map %s", name)
+			}
+			spec := setSpec(t, p.family, s)
+			es := m[name]
+			for i := 0; i < len(es); i += elemChunk {
+				j := min(i+elemChunk, len(es))
+				ge := make([]gnft.SetElement, 0, j-i)
+				for _, e := range es[i:j] {
+					ge = append(ge, setElement(s.Key, e, s.Verdict))
+				}
+				var err error
+				if del {
+					err = c.SetDeleteElements(spec, ge)
+				} else {
+					err = c.SetAddElements(spec, ge)
+				}
+				if err != nil {
+					return fmt.Errorf("map %s: %w", name, err)
+				}
+			}
+		}
+		return nil
+	}
+	if err := elems(p.delElems, true); err != nil {
+		return err
+	}
+	if err := elems(p.addElems, false); err != nil {
+		return err
+	}
+	// Flush every stale chain before deleting any: chains may jump to
+	// each other, and a chain can only go once nothing refers to it.
+	for _, name := range p.delChains {
+		c.FlushChain(&gnft.Chain{Name: name, Table: t})
+	}
+	for _, name := range p.delChains {
+		c.DelChain(&gnft.Chain{Name: name, Table: t})
+	}
+	for _, name := range p.delSets {
+		c.DelSet(&gnft.Set{Name: name, Table: t})
+	}
+	return nil
+}

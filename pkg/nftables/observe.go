@@ -1,0 +1,337 @@
+package nftables
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	gnft "github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+	rs "github.com/miniproxy/miniproxy/pkg/nftables/ruleset"
+)
+
+// observed is what the kernel really holds in one of our tables, read only on
+// full syncs. Rules are compared by fingerprint (the sequence of expression
+// names per rule): cheap to read in one dump for the whole table, and enough
+// to notice rules deleted, added or replaced by hand.
+type observed struct {
+	exists bool
+	chains map[string][]string
+	sets   map[string]bool
+	// elems: map name → element key bytes → verdict ("goto chain").
+	elems map[string]map[string]string
+}
+
+func (b *Backend) observe(f model.Family) (*observed, error) {
+	c, err := b.conn(0, 0)
+	if err != nil {
+		return nil, err
+	}
+	obs := &observed{chains: map[string][]string{}, sets: map[string]bool{}, elems: map[string]map[string]string{}}
+	tables, err := c.ListTablesOfFamily(tableFamily(f))
+	if err != nil {
+		return nil, fmt.Errorf("listing tables: %w", err)
+	}
+	var t *gnft.Table
+	for _, x := range tables {
+		if x.Name == rs.TableName {
+			t = x
+		}
+	}
+	if t == nil {
+		return obs, nil
+	}
+	obs.exists = true
+	chains, err := c.ListChainsOfTableFamily(tableFamily(f))
+	if err != nil {
+		return nil, fmt.Errorf("listing chains: %w", err)
+	}
+	for _, ch := range chains {
+		if ch.Table.Name == rs.TableName {
+			obs.chains[ch.Name] = nil
+		}
+	}
+	rules, err := b.dumpRules(f)
+	if err != nil {
+		return nil, err
+	}
+	for ch, fps := range rules {
+		obs.chains[ch] = fps
+	}
+	sets, err := c.GetSets(t)
+	if err != nil {
+		return nil, fmt.Errorf("listing sets: %w", err)
+	}
+	for _, s := range sets {
+		obs.sets[s.Name] = true
+		if !s.IsMap {
+			continue // affinity sets hold dynamic state, not ours to compare
+		}
+		els, err := c.GetSetElements(s)
+		if err != nil {
+			return nil, fmt.Errorf("listing elements of %s: %w", s.Name, err)
+		}
+		m := make(map[string]string, len(els))
+		for _, e := range els {
+			v := ""
+			if e.VerdictData != nil {
+				v = verdictString(e.VerdictData.Kind, e.VerdictData.Chain)
+			}
+			m[string(e.Key)] = v
+		}
+		obs.elems[s.Name] = m
+	}
+	return obs, nil
+}
+
+func verdictString(k expr.VerdictKind, chain string) string {
+	return fmt.Sprintf("%d %s", k, chain)
+}
+
+// dumpRules reads every rule of our table in one netlink dump and returns the
+// fingerprints per chain. google/nftables only lists rules chain by chain,
+// which would be one round trip per chain.
+func (b *Backend) dumpRules(f model.Family) (map[string][]string, error) {
+	nl, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
+	if err != nil {
+		return nil, fmt.Errorf("dialing netlink: %w", err)
+	}
+	defer nl.Close()
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_RULE_TABLE, Data: []byte(rs.TableName + "\x00")},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("encoding rule dump request: %w", err)
+	}
+	req := netlink.Message{
+		Header: netlink.Header{
+			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETRULE),
+			Flags: netlink.Request | netlink.Dump,
+		},
+		Data: append([]byte{byte(tableFamily(f)), unix.NFNETLINK_V0, 0, 0}, attrs...),
+	}
+	msgs, err := nl.Execute(req)
+	if err != nil {
+		return nil, fmt.Errorf("dumping rules: %w", err)
+	}
+	out := map[string][]string{}
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		chain, fp, err := parseRuleMsg(m.Data[4:])
+		if err != nil {
+			return nil, fmt.Errorf("decoding rule: %w", err)
+		}
+		out[chain] = append(out[chain], fp)
+	}
+	return out, nil
+}
+
+func parseRuleMsg(b []byte) (chain, fp string, err error) {
+	ad, err := netlink.NewAttributeDecoder(b)
+	if err != nil {
+		return "", "", err
+	}
+	var names []string
+	for ad.Next() {
+		switch ad.Type() {
+		case unix.NFTA_RULE_CHAIN:
+			chain = ad.String()
+		case unix.NFTA_RULE_EXPRESSIONS:
+			ad.Nested(func(l *netlink.AttributeDecoder) error {
+				for l.Next() {
+					l.Nested(func(e *netlink.AttributeDecoder) error {
+						for e.Next() {
+							if e.Type() == unix.NFTA_EXPR_NAME {
+								names = append(names, e.String())
+							}
+						}
+						return nil
+					})
+				}
+				return nil
+			})
+		}
+	}
+	return chain, strings.Join(names, ","), ad.Err()
+}
+
+// fingerprint returns the expression-name sequence of a typed rule, as the
+// kernel would dump it.
+func fingerprint(f model.Family, r rs.Rule) (string, error) {
+	ex, err := ruleExprs(f, r)
+	if err != nil {
+		return "", err
+	}
+	names := make([]string, 0, len(ex))
+	for _, e := range ex {
+		b, err := expr.Marshal(byte(tableFamily(f)), e)
+		if err != nil {
+			return "", fmt.Errorf("encoding %T: %w", e, err)
+		}
+		ad, err := netlink.NewAttributeDecoder(b)
+		if err != nil {
+			return "", err
+		}
+		for ad.Next() {
+			if ad.Type() == unix.NFTA_EXPR_NAME {
+				names = append(names, ad.String())
+			}
+		}
+	}
+	return strings.Join(names, ","), nil
+}
+
+// reconcilePlan compares the desired table with what the kernel holds and
+// returns the repairs, which include the changes since the last commit.
+func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
+	if !obs.exists {
+		return replacePlan(desired)
+	}
+	p := newPlan(desired.Family, desired.Sets)
+	for name, so := range desired.Services {
+		if po := committed.Services[name]; po != so {
+			p.services++
+		}
+	}
+	for name := range committed.Services {
+		if _, ok := desired.Services[name]; !ok {
+			p.services++
+		}
+	}
+	want := map[string]bool{}
+	for _, c := range desired.AllChains() {
+		want[c.Name] = true
+		have, ok := obs.chains[c.Name]
+		if !ok {
+			p.addChains = append(p.addChains, c)
+			p.writeChains = append(p.writeChains, c)
+			continue
+		}
+		if !sameFingerprints(desired.Family, c.Rules, have) {
+			p.flushChains = append(p.flushChains, c.Name)
+			p.writeChains = append(p.writeChains, c)
+		}
+	}
+	for name := range obs.chains {
+		if !want[name] {
+			p.delChains = append(p.delChains, name)
+		}
+	}
+	wantSet := map[string]bool{}
+	for _, s := range desired.AllSets() {
+		wantSet[s.Name] = true
+		if !obs.sets[s.Name] {
+			p.addSets = append(p.addSets, s)
+		}
+	}
+	for name := range obs.sets {
+		if !wantSet[name] {
+			p.delSets = append(p.delSets, name)
+		}
+	}
+	elems := desired.Elements()
+	for _, s := range desired.Sets {
+		if !s.Verdict {
+			continue
+		}
+		have := obs.elems[s.Name]
+		seen := map[string]bool{}
+		for _, e := range elems[s.Name] {
+			k := string(elementKey(s.Key, e))
+			seen[k] = true
+			v, ok := have[k]
+			if ok && v == verdictString(verdictKind(e.Verdict.Kind), e.Verdict.Chain) {
+				continue
+			}
+			if ok {
+				p.delElems[s.Name] = append(p.delElems[s.Name], e)
+			}
+			p.addElems[s.Name] = append(p.addElems[s.Name], e)
+		}
+		for k := range have {
+			if !seen[k] {
+				e, err := decodeKey(s.Key, desired.Family, []byte(k))
+				if err != nil {
+					// Not something we could have written: the
+					// whole map is rewritten from scratch below.
+					p.replace = true
+					break
+				}
+				p.delElems[s.Name] = append(p.delElems[s.Name], e)
+			}
+		}
+	}
+	if p.replace {
+		return replacePlan(desired)
+	}
+	p.sortForDeterminism()
+	return p
+}
+
+func sameFingerprints(f model.Family, rules []rs.Rule, have []string) bool {
+	if len(rules) != len(have) {
+		return false
+	}
+	for i, r := range rules {
+		fp, err := fingerprint(f, r)
+		if err != nil || fp != have[i] {
+			return false
+		}
+	}
+	return true
+}
+
+var errBadKey = errors.New("unexpected element key layout")
+
+// decodeKey turns element key bytes back into an element (only the fields
+// needed to delete it).
+func decodeKey(k rs.KeyKind, f model.Family, b []byte) (rs.Element, error) {
+	alen := 4
+	if f == model.IPv6 {
+		alen = 16
+	}
+	protoOf := func(n byte) model.Protocol {
+		switch n {
+		case 6:
+			return model.TCP
+		case 17:
+			return model.UDP
+		case 132:
+			return model.SCTP
+		}
+		return ""
+	}
+	var e rs.Element
+	switch k {
+	case rs.KeyDaddrProtoPort:
+		if len(b) != alen+8 {
+			return e, errBadKey
+		}
+		e.Addr = addrFrom(b[:alen])
+		b = b[alen:]
+		fallthrough
+	case rs.KeyProtoPort:
+		if len(b) != 8 {
+			return e, errBadKey
+		}
+		e.Proto = protoOf(b[0])
+		e.Port = uint16(b[4])<<8 | uint16(b[5])
+		if e.Proto == "" {
+			return e, errBadKey
+		}
+		return e, nil
+	}
+	return e, errBadKey
+}
+
+func addrFrom(b []byte) netip.Addr {
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}

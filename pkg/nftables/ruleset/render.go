@@ -1,0 +1,434 @@
+package ruleset
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+)
+
+// Names of the static objects. Per-service objects are named
+// <kind>-<hash>-<namespace>/<name>/<proto>/<port>, readable and stable.
+const (
+	ChainNatPrerouting    = "nat-prerouting"
+	ChainNatOutput        = "nat-output"
+	ChainNatPostrouting   = "nat-postrouting"
+	ChainFilterPrerouting = "filter-prerouting"
+	ChainFilterInput      = "filter-input"
+	ChainFilterForward    = "filter-forward"
+	ChainFilterOutput     = "filter-output"
+	ChainServices         = "services"
+	ChainEndpointsCheck   = "endpoints-check"
+	ChainFirewallCheck    = "firewall-check"
+	ChainMarkForMasq      = "mark-for-masquerade"
+	ChainMasquerading     = "masquerading"
+	ChainReject           = "reject-chain"
+
+	// MapServiceIPs dispatches ClusterIP / externalIP / LB IP traffic:
+	// daddr . proto . port → goto the service's chain. One lookup per
+	// packet, whatever the number of Services.
+	MapServiceIPs = "service-ips"
+	// MapServiceNodePorts dispatches NodePort traffic: proto . port → goto.
+	MapServiceNodePorts = "service-nodeports"
+	// MapNoEndpointIPs / MapNoEndpointNodePorts send traffic for service
+	// ports without usable endpoints to reject (none at all) or drop (none
+	// for this traffic policy), from filter chains where reject is allowed.
+	MapNoEndpointIPs       = "no-endpoint-services"
+	MapNoEndpointNodePorts = "no-endpoint-nodeports"
+	// MapFirewallIPs sends LB IP traffic of services with
+	// loadBalancerSourceRanges to the service's firewall chain.
+	MapFirewallIPs = "firewall-ips"
+)
+
+// Priorities. nft 1.0.6 rejects the name "dstnat" on the output hook, so
+// plain numbers are used everywhere (dstnat = -100, srcnat = 100).
+const (
+	prioDstNAT       = -100
+	prioSrcNAT       = 100
+	prioBeforeDstNAT = -110 // filter chains that must see the original VIP
+)
+
+// Render computes the full ruleset for snap under cfg. When prev is non-nil,
+// the objects of service ports whose *model.ServicePort pointer is unchanged
+// are reused from prev, so an incremental render costs O(changed).
+func Render(snap *model.Snapshot, cfg *proxy.Config, prev *Ruleset) *Ruleset {
+	fams := cfg.Families
+	if len(fams) == 0 {
+		fams = []model.Family{model.IPv4}
+	}
+	rs := &Ruleset{}
+	for _, f := range fams {
+		var pt *Table
+		if prev != nil {
+			pt = prev.Table(f)
+		}
+		rs.Tables = append(rs.Tables, renderTable(f, snap, cfg, pt))
+	}
+	return rs
+}
+
+// TableKey identifies the inputs, besides the service ports themselves, that
+// every object of a table depends on; when it changes nothing can be reused.
+func tableKey(f model.Family, snap *model.Snapshot, cfg *proxy.Config) string {
+	n := snap.Node
+	return fmt.Sprintf("%d|%s|%v|%v|%v|%v", f, n.Name, n.Zone, n.Addresses, n.PodCIDRs, cfg.LocalPrefixes(f, n))
+}
+
+func renderTable(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev *Table) *Table {
+	t := &Table{
+		Family:   f,
+		Name:     TableName,
+		Services: make(map[model.ServicePortName]*ServiceObjects, len(snap.Services)),
+		key:      tableKey(f, snap, cfg),
+	}
+	t.Chains, t.Sets = staticObjects(f, snap.Node, cfg)
+	reuse := prev != nil && prev.key == t.key
+	r := &renderer{f: f, node: snap.Node, cfg: cfg, local: cfg.LocalPrefixes(f, snap.Node)}
+	for name, sp := range snap.Services {
+		if reuse {
+			if so, ok := prev.Services[name]; ok && so.Source == sp {
+				t.Services[name] = so
+				continue
+			}
+		}
+		if so := r.service(sp); so != nil {
+			t.Services[name] = so
+		}
+	}
+	return t
+}
+
+func rule(e ...Expr) Rule { return Rule(e) }
+
+func jump(c string) Verdict                { return Verdict{Kind: Jump, Chain: c} }
+func gotoV(c string) Verdict               { return Verdict{Kind: Goto, Chain: c} }
+func hostPrefix(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
+
+// staticObjects declares, in one place, the base chains, helper chains and
+// maps that exist whatever the Services are.
+func staticObjects(f model.Family, node model.Node, cfg *proxy.Config) ([]*Chain, []*Set) {
+	mark := cfg.MarkMasq()
+	base := func(name string, typ ChainType, hook Hook, prio int32, rules ...Rule) *Chain {
+		return &Chain{Name: name, Base: &BaseChain{Type: typ, Hook: hook, Priority: prio}, Rules: rules}
+	}
+	ctNewJump := func(c string) Rule { return rule(MatchCtNew{}, jump(c)) }
+
+	// NodePort destinations: every local address (minus loopback, which
+	// nftables mode never serves, like kube-proxy's), or only the
+	// configured ones.
+	var nodePortMatch [][]Expr
+	switch {
+	case cfg.NodePortPrimary:
+		for _, a := range node.Addresses {
+			if model.FamilyOf(a) == f {
+				nodePortMatch = append(nodePortMatch, []Expr{MatchAddr{Prefix: hostPrefix(a)}})
+			}
+		}
+	case len(cfg.NodePortAddresses) > 0:
+		for _, p := range cfg.NodePortAddresses {
+			if model.FamilyOf(p.Addr()) == f {
+				nodePortMatch = append(nodePortMatch, []Expr{MatchAddr{Prefix: p.Masked()}, MatchFibLocal{}})
+			}
+		}
+	default:
+		lo := netip.MustParsePrefix("127.0.0.0/8")
+		if f == model.IPv6 {
+			lo = netip.MustParsePrefix("::1/128")
+		}
+		nodePortMatch = [][]Expr{{MatchFibLocal{}, MatchAddr{Prefix: lo, Neg: true}}}
+	}
+	nodePortRules := func(m string) []Rule {
+		var out []Rule
+		for _, pre := range nodePortMatch {
+			out = append(out, append(append(Rule{}, pre...), VMap{Key: KeyProtoPort, Map: m}))
+		}
+		return out
+	}
+
+	chains := []*Chain{
+		base(ChainNatPrerouting, TypeNAT, HookPrerouting, prioDstNAT, rule(jump(ChainServices))),
+		base(ChainNatOutput, TypeNAT, HookOutput, prioDstNAT, rule(jump(ChainServices))),
+		base(ChainNatPostrouting, TypeNAT, HookPostrouting, prioSrcNAT, rule(jump(ChainMasquerading))),
+		base(ChainFilterPrerouting, TypeFilter, HookPrerouting, prioBeforeDstNAT, ctNewJump(ChainFirewallCheck)),
+		base(ChainFilterInput, TypeFilter, HookInput, prioBeforeDstNAT, ctNewJump(ChainEndpointsCheck)),
+		base(ChainFilterForward, TypeFilter, HookForward, prioBeforeDstNAT, ctNewJump(ChainEndpointsCheck)),
+		// Output runs before nat-output (-100), so it sees the VIP of
+		// locally originated connections.
+		base(ChainFilterOutput, TypeFilter, HookOutput, prioBeforeDstNAT,
+			ctNewJump(ChainEndpointsCheck), ctNewJump(ChainFirewallCheck)),
+		{Name: ChainServices, Rules: append([]Rule{rule(VMap{Key: KeyDaddrProtoPort, Map: MapServiceIPs})},
+			nodePortRules(MapServiceNodePorts)...)},
+		{Name: ChainEndpointsCheck, Rules: append([]Rule{rule(VMap{Key: KeyDaddrProtoPort, Map: MapNoEndpointIPs})},
+			nodePortRules(MapNoEndpointNodePorts)...)},
+		{Name: ChainFirewallCheck, Rules: []Rule{rule(VMap{Key: KeyDaddrProtoPort, Map: MapFirewallIPs})}},
+		{Name: ChainMarkForMasq, Rules: []Rule{rule(SetMark{Bits: mark})}},
+		{Name: ChainMasquerading, Rules: []Rule{
+			rule(MatchMarkClear{Bits: mark}, Verdict{Kind: Return}),
+			// Clear the bit so a packet re-entering (e.g. through a
+			// tunnel) is not masqueraded twice.
+			rule(SetMark{Bits: mark, Xor: true}),
+			rule(Masquerade{}),
+		}},
+		{Name: ChainReject, Rules: []Rule{
+			rule(MatchL4Proto{Proto: model.TCP}, Reject{TCPReset: true}),
+			rule(Reject{}),
+		}},
+	}
+	sets := []*Set{
+		{Name: MapServiceIPs, Key: KeyDaddrProtoPort, Verdict: true},
+		{Name: MapServiceNodePorts, Key: KeyProtoPort, Verdict: true},
+		{Name: MapNoEndpointIPs, Key: KeyDaddrProtoPort, Verdict: true},
+		{Name: MapNoEndpointNodePorts, Key: KeyProtoPort, Verdict: true},
+		{Name: MapFirewallIPs, Key: KeyDaddrProtoPort, Verdict: true},
+	}
+	return chains, sets
+}
+
+type renderer struct {
+	f     model.Family
+	node  model.Node
+	cfg   *proxy.Config
+	local []netip.Prefix
+}
+
+func ofFamily(f model.Family, eps []model.Endpoint) []model.Endpoint {
+	var out []model.Endpoint
+	for _, ep := range eps {
+		if model.FamilyOf(ep.IP) == f {
+			out = append(out, ep)
+		}
+	}
+	return out
+}
+
+func addrsOfFamily(f model.Family, as []netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range as {
+		if model.FamilyOf(a) == f {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func sameEndpoints(a, b []model.Endpoint) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].AddrPort() != b[i].AddrPort() {
+			return false
+		}
+	}
+	return true
+}
+
+// service renders one service port's objects for the renderer's family, or
+// nil when the port has no address of that family. Eligibility comes from the
+// model; this only splits it by family and turns it into chains.
+func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
+	vip, ok := sp.ClusterIP(r.f)
+	if !ok {
+		return nil
+	}
+	el := sp.Eligible(r.node)
+	internal, external := ofFamily(r.f, el.Internal), ofFamily(r.f, el.External)
+	cluster, all := ofFamily(r.f, el.Cluster), ofFamily(r.f, el.All)
+
+	so := &ServiceObjects{Source: sp}
+	id := fmt.Sprintf("%s/%s/%s/%s", sp.Name.Namespace, sp.Name.Name, sp.Protocol.Lower(), portLabel(sp))
+	h := model.ShortHash(fmt.Sprint(r.f), sp.Name.String())[:8]
+	svcChain := "service-" + h + "-" + id
+	extChain := "external-" + h + "-" + id
+	cluChain := "cluster-" + h + "-" + id
+	fwChain := "firewall-" + h + "-" + id
+	port := uint16(sp.Port)
+
+	// Endpoint chains exist for every endpoint some cascade can pick:
+	// the model's All, plus the cluster-wide ones that pods and the node
+	// reach through an ETP=Local external address.
+	targets := all
+	if sp.ExternalPolicyLocal && sp.HasExternal() {
+		targets = unionEndpoints(all, cluster)
+	}
+	epChain := map[netip.AddrPort]string{}
+	affSet := map[netip.AddrPort]string{}
+	for _, ep := range targets {
+		eh := model.ShortHash(fmt.Sprint(r.f), sp.Name.String(), ep.String())[:8]
+		suffix := eh + "-" + id + "__" + ep.IP.String() + "/" + fmt.Sprint(ep.Port)
+		epChain[ep.AddrPort()] = "endpoint-" + suffix
+		c := &Chain{Name: epChain[ep.AddrPort()]}
+		// Hairpin: a pod reaching itself through the VIP must be
+		// masqueraded or its reply would bypass conntrack's reverse NAT.
+		c.Rules = append(c.Rules, rule(MatchAddr{Src: true, Prefix: hostPrefix(ep.IP)}, jump(ChainMarkForMasq)))
+		if sp.AffinitySeconds > 0 {
+			// The timeout is part of the set's identity (a set's
+			// timeout cannot be changed in place), so a new timeout
+			// means a new set name.
+			ah := model.ShortHash(fmt.Sprint(r.f), sp.Name.String(), ep.String(), fmt.Sprint(sp.AffinitySeconds))[:8]
+			affSet[ep.AddrPort()] = "affinity-" + ah + "-" + id + "__" + ep.IP.String() + "/" + fmt.Sprint(ep.Port)
+			so.Sets = append(so.Sets, &Set{Name: affSet[ep.AddrPort()], Key: KeyAddr,
+				Timeout: time.Duration(sp.AffinitySeconds) * time.Second})
+			c.Rules = append(c.Rules, rule(UpdateSaddr{Set: affSet[ep.AddrPort()]}))
+		}
+		c.Rules = append(c.Rules, rule(MatchL4Proto{Proto: sp.Protocol}, DNAT{To: ep.AddrPort()}))
+		so.Chains = append(so.Chains, c)
+	}
+
+	// cascade picks one of eps: affinity first (a client seen recently
+	// goes back to the same endpoint), then numgen with probability
+	// 1/n, 1/(n-1), … so every endpoint is equally likely. One rule per
+	// endpoint instead of an inline anonymous vmap per Service keeps the
+	// kernel's load time linear and small (DESIGN.md facts).
+	cascade := func(eps []model.Endpoint) []Rule {
+		var out []Rule
+		if sp.AffinitySeconds > 0 {
+			for _, ep := range eps {
+				out = append(out, rule(MatchSaddrInSet{Set: affSet[ep.AddrPort()]}, gotoV(epChain[ep.AddrPort()])))
+			}
+		}
+		for i, ep := range eps {
+			if n := len(eps) - i; n > 1 {
+				out = append(out, rule(MatchNumgen{Mod: uint32(n)}, gotoV(epChain[ep.AddrPort()])))
+			} else {
+				out = append(out, rule(gotoV(epChain[ep.AddrPort()])))
+			}
+		}
+		return out
+	}
+
+	add := func(m string, e Element) { so.Elements = append(so.Elements, MapElement{Map: m, Element: e}) }
+	reject := gotoV(ChainReject)
+
+	// Internal (ClusterIP) traffic.
+	key := Element{Addr: vip, Proto: sp.Protocol, Port: port}
+	// "No endpoints at all" (reject) is judged on the cluster-wide set: a
+	// Local policy without a local endpoint drops instead, as kube-proxy
+	// does, because the service does exist elsewhere.
+	switch {
+	case len(cluster) == 0:
+		key.Verdict = reject
+		add(MapNoEndpointIPs, key)
+	case len(internal) == 0:
+		// internalTrafficPolicy Local without a local endpoint: drop,
+		// not reject, as kube-proxy does.
+		key.Verdict = Verdict{Kind: Drop}
+		add(MapNoEndpointIPs, key)
+	default:
+		c := &Chain{Name: svcChain}
+		switch {
+		case r.cfg.MasqueradeAll:
+			c.Rules = append(c.Rules, rule(jump(ChainMarkForMasq)))
+		case len(r.local) > 0:
+			// Traffic not from a local pod (the node itself, other
+			// hosts) is masqueraded so replies come back through us.
+			var m Rule
+			for _, p := range r.local {
+				m = append(m, MatchAddr{Src: true, Prefix: p, Neg: true})
+			}
+			c.Rules = append(c.Rules, append(m, jump(ChainMarkForMasq)))
+		}
+		c.Rules = append(c.Rules, cascade(internal)...)
+		so.Chains = append(so.Chains, c)
+		key.Verdict = gotoV(svcChain)
+		add(MapServiceIPs, key)
+	}
+
+	if !sp.HasExternal() {
+		return so
+	}
+
+	// External traffic (NodePort, externalIPs, LB IPs).
+	extVerdict := gotoV(extChain)
+	extMapIPs, extMapNP := MapServiceIPs, MapServiceNodePorts
+	if len(cluster) == 0 {
+		extVerdict, extMapIPs, extMapNP = reject, MapNoEndpointIPs, MapNoEndpointNodePorts
+	} else {
+		c := &Chain{Name: extChain}
+		if sp.ExternalPolicyLocal {
+			// Pods and the node itself may reach an external IP of an
+			// ETP=Local service; they get the cluster-wide endpoints,
+			// as with kube-proxy. Only truly external clients are
+			// limited to local endpoints, with their source kept.
+			target := ""
+			if len(cluster) > 0 {
+				target = svcChain
+				if !sameEndpoints(cluster, internal) {
+					target = cluChain
+					so.Chains = append(so.Chains, &Chain{Name: cluChain, Rules: cascade(cluster)})
+				}
+			}
+			if target != "" {
+				for _, p := range r.local {
+					c.Rules = append(c.Rules, rule(MatchAddr{Src: true, Prefix: p}, gotoV(target)))
+				}
+				c.Rules = append(c.Rules,
+					rule(MatchFibLocal{Src: true}, jump(ChainMarkForMasq)),
+					rule(MatchFibLocal{Src: true}, gotoV(target)))
+			}
+		} else {
+			c.Rules = append(c.Rules, rule(jump(ChainMarkForMasq)))
+		}
+		if len(external) > 0 {
+			c.Rules = append(c.Rules, cascade(external)...)
+		} else {
+			c.Rules = append(c.Rules, rule(Verdict{Kind: Drop}))
+		}
+		so.Chains = append(so.Chains, c)
+	}
+	for _, ip := range addrsOfFamily(r.f, sp.ExternalIPs) {
+		add(extMapIPs, Element{Addr: ip, Proto: sp.Protocol, Port: port, Verdict: extVerdict})
+	}
+	lbs := addrsOfFamily(r.f, sp.LoadBalancerIPs)
+	for _, ip := range lbs {
+		add(extMapIPs, Element{Addr: ip, Proto: sp.Protocol, Port: port, Verdict: extVerdict})
+	}
+	if sp.NodePort != 0 {
+		add(extMapNP, Element{Proto: sp.Protocol, Port: uint16(sp.NodePort), Verdict: extVerdict})
+	}
+	var ranges []netip.Prefix
+	for _, p := range sp.LoadBalancerSourceRanges {
+		if model.FamilyOf(p.Addr()) == r.f {
+			ranges = append(ranges, p.Masked())
+		}
+	}
+	// Source ranges apply to LB IPs only (as in kube-proxy). A Service
+	// whose ranges are all of the other family admits nobody of this one.
+	if len(lbs) > 0 && len(sp.LoadBalancerSourceRanges) > 0 {
+		c := &Chain{Name: fwChain}
+		for _, p := range ranges {
+			c.Rules = append(c.Rules, rule(MatchAddr{Src: true, Prefix: p}, Verdict{Kind: Return}))
+		}
+		c.Rules = append(c.Rules, rule(Verdict{Kind: Drop}))
+		so.Chains = append(so.Chains, c)
+		for _, ip := range lbs {
+			add(MapFirewallIPs, Element{Addr: ip, Proto: sp.Protocol, Port: port, Verdict: gotoV(fwChain)})
+		}
+	}
+	return so
+}
+
+func portLabel(sp *model.ServicePort) string {
+	if sp.Name.Port != "" {
+		return sp.Name.Port
+	}
+	return strings.ToLower(fmt.Sprint(sp.Port))
+}
+
+// unionEndpoints returns a followed by the endpoints of b not in a.
+func unionEndpoints(a, b []model.Endpoint) []model.Endpoint {
+	seen := make(map[netip.AddrPort]bool, len(a))
+	out := append([]model.Endpoint(nil), a...)
+	for _, ep := range a {
+		seen[ep.AddrPort()] = true
+	}
+	for _, ep := range b {
+		if !seen[ep.AddrPort()] {
+			out = append(out, ep)
+		}
+	}
+	return out
+}
