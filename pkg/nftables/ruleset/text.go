@@ -132,7 +132,17 @@ func (r Rule) String(f model.Family) string {
 func (rs *Ruleset) Dump() string {
 	var b strings.Builder
 	for _, t := range rs.Tables {
-		t.dump(&b)
+		t.dump(&b, false)
+	}
+	return b.String()
+}
+
+// DumpServices is Dump without the static chains and without empty maps: the
+// part of the ruleset that depends on the Services, for focused goldens.
+func (rs *Ruleset) DumpServices() string {
+	var b strings.Builder
+	for _, t := range rs.Tables {
+		t.dump(&b, true)
 	}
 	return b.String()
 }
@@ -166,11 +176,24 @@ func (t *Table) Elements() map[string][]Element {
 	return out
 }
 
-func (t *Table) dump(b *strings.Builder) {
+func (t *Table) dump(b *strings.Builder, servicesOnly bool) {
 	fmt.Fprintf(b, "table %s %s {\n", famWord(t.Family), t.Name)
 	sets := t.AllSets()
-	sort.Slice(sets, func(i, j int) bool { return sets[i].Name < sets[j].Name })
 	elems := t.Elements()
+	chains := t.AllChains()
+	if servicesOnly {
+		sets, chains = nil, nil
+		for _, s := range t.Sets {
+			if len(elems[s.Name]) > 0 {
+				sets = append(sets, s)
+			}
+		}
+		for _, so := range t.Services {
+			sets = append(sets, so.Sets...)
+			chains = append(chains, so.Chains...)
+		}
+	}
+	sort.Slice(sets, func(i, j int) bool { return sets[i].Name < sets[j].Name })
 	for _, s := range sets {
 		kind := "set"
 		if s.Verdict {
@@ -201,7 +224,6 @@ func (t *Table) dump(b *strings.Builder) {
 		}
 		b.WriteString("\t}\n")
 	}
-	chains := t.AllChains()
 	sort.SliceStable(chains, func(i, j int) bool {
 		// Base chains first: they are the entry points a reader starts from.
 		if (chains[i].Base != nil) != (chains[j].Base != nil) {
