@@ -2,10 +2,19 @@ package nftables
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/nftables/internal/fixture"
@@ -82,5 +91,259 @@ func TestKernelReadback(t *testing.T) {
 	out = ns.MustRun(t, "nft", "list", "tables")
 	if strings.Contains(out, "miniproxy") || !strings.Contains(out, "table ip other") {
 		t.Errorf("after Cleanup: %s", out)
+	}
+}
+
+// inNS runs fn on a thread switched into the namespace fd; sockets created by
+// fn stay in that namespace.
+func inNS(t *testing.T, fd int, fn func()) {
+	t.Helper()
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		t.Fatalf("setns: %v", err)
+	}
+	defer func() {
+		// If the thread cannot go back it stays locked, and the runtime
+		// discards it when the goroutine ends.
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
+			runtime.UnlockOSThread()
+		}
+	}()
+	fn()
+}
+
+// serve starts a TCP server on addr (inside the namespace) that writes its
+// own address and closes.
+func serve(t *testing.T, fd int, addrs ...string) {
+	t.Helper()
+	for _, a := range addrs {
+		var ln net.Listener
+		inNS(t, fd, func() {
+			var err error
+			if ln, err = net.Listen("tcp", a); err != nil {
+				t.Fatalf("listen %s: %v", a, err)
+			}
+		})
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				_, _ = c.Write([]byte(a))
+				c.Close()
+			}
+		}()
+	}
+}
+
+// hits connects n times to vip from inside the namespace and counts which
+// server answered.
+func hits(t *testing.T, fd int, vip string, n int) map[string]int {
+	t.Helper()
+	out := map[string]int{}
+	for i := 0; i < n; i++ {
+		var c net.Conn
+		var err error
+		inNS(t, fd, func() { c, err = net.DialTimeout("tcp", vip, 5*time.Second) })
+		if err != nil {
+			out["error: "+err.Error()]++
+			continue
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		b, _ := io.ReadAll(c)
+		c.Close()
+		out[string(b)]++
+	}
+	return out
+}
+
+func nsFd(t *testing.T, ns *netnstest.NS) int {
+	t.Helper()
+	f, err := os.Open(ns.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return int(f.Fd())
+}
+
+// trafficSnap: a 2-endpoint service, a service without endpoints, all on
+// addresses local to the namespace.
+func trafficSnap() *model.Snapshot {
+	two := fixture.SP("ns1", "two", 80, "172.30.0.12")
+	two.Endpoints = []model.Endpoint{fixture.EP("10.180.0.1", 8080, "node-a"), fixture.EP("10.180.0.2", 8080, "node-a")}
+	none := fixture.SP("ns1", "none", 80, "172.30.0.10")
+	other := fixture.SP("ns1", "other", 80, "172.30.0.13")
+	other.Endpoints = []model.Endpoint{fixture.EP("10.180.0.3", 8080, "node-a")}
+	return fixture.Snap(two, none, other)
+}
+
+func setupTraffic(t *testing.T) (*netnstest.NS, *Backend, int) {
+	ns, b := newNSBackend(t, proxy.Config{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.180.0.0/16")}})
+	for _, a := range []string{"10.180.0.1", "10.180.0.2", "10.180.0.3", "10.180.0.4"} {
+		ns.MustRun(t, "ip", "addr", "add", a+"/32", "dev", "lo")
+	}
+	// A route so connections to VIPs leave through the output path.
+	ns.MustRun(t, "ip", "route", "add", "172.30.0.0/16", "dev", "lo")
+	fd := nsFd(t, ns)
+	serve(t, fd, "10.180.0.1:8080", "10.180.0.2:8080", "10.180.0.3:8080", "10.180.0.4:8080")
+	return ns, b, fd
+}
+
+// TestKernelTraffic makes real connections to a VIP and checks both
+// endpoints answer, and that a service without endpoints refuses at once.
+func TestKernelTraffic(t *testing.T) {
+	_, b, fd := setupTraffic(t)
+	mustSync(t, b, trafficSnap(), false)
+	got := hits(t, fd, "172.30.0.12:80", 40)
+	if got["10.180.0.1:8080"] == 0 || got["10.180.0.2:8080"] == 0 || len(got) != 2 {
+		t.Errorf("connections to 172.30.0.12:80 answered by %v, want both endpoints only", got)
+	}
+	var err error
+	inNS(t, fd, func() { _, err = net.DialTimeout("tcp", "172.30.0.10:80", 5*time.Second) })
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("dial service without endpoints: %v, want connection refused (TCP reset)", err)
+	}
+}
+
+// TestKernelIncremental changes one service and checks that only its objects
+// are sent and traffic follows.
+func TestKernelIncremental(t *testing.T) {
+	ns, b, fd := setupTraffic(t)
+	snap := trafficSnap()
+	first := mustSync(t, b, snap, false)
+	before := ns.MustRun(t, "nft", "list", "table", "ip", "miniproxy")
+
+	next := fixture.Snap()
+	for n, sp := range snap.Services {
+		next.Services[n] = sp
+	}
+	two := *snap.Services[model.ServicePortName{Namespace: "ns1", Name: "two", Protocol: model.TCP}]
+	two.Endpoints = []model.Endpoint{fixture.EP("10.180.0.2", 8080, "node-a"), fixture.EP("10.180.0.4", 8080, "node-a")}
+	next.Services[two.Name] = &two
+	res := mustSync(t, b, next, false)
+	t.Logf("first sync %d messages, incremental %d messages", first.Rules, res.Rules)
+	if res.Changed != 1 || res.Rules > 10 {
+		t.Errorf("incremental sync: %+v, want 1 service and at most 10 messages", res)
+	}
+	after := ns.MustRun(t, "nft", "list", "table", "ip", "miniproxy")
+	bb, ab := blocks(before), blocks(after)
+	for name := range ab {
+		if _, ok := bb[name]; !ok {
+			bb[name] = ""
+		}
+	}
+	for name, text := range bb {
+		if text == ab[name] || strings.Contains(name, "ns1/two/") {
+			continue
+		}
+		// A shared map may change only in ns1/two's elements.
+		for _, l := range diffLines(text, ab[name]) {
+			if !strings.Contains(l, "ns1/two/") {
+				t.Errorf("incremental sync changed %s beyond ns1/two: %q", name, l)
+			}
+		}
+	}
+	got := hits(t, fd, "172.30.0.12:80", 40)
+	if got["10.180.0.4:8080"] == 0 || got["10.180.0.2:8080"] == 0 || len(got) != 2 {
+		t.Errorf("after update, 172.30.0.12:80 answered by %v, want .2 and .4 only", got)
+	}
+	// Nothing changed: nothing sent.
+	if res := mustSync(t, b, next, false); res.Rules != 0 {
+		t.Errorf("no-op sync sent %d messages", res.Rules)
+	}
+	// Removing a service deletes its objects.
+	delete(next.Services, two.Name)
+	mustSync(t, b, next, false)
+	if out := ns.MustRun(t, "nft", "list", "table", "ip", "miniproxy"); strings.Contains(out, "ns1/two/") {
+		t.Errorf("removed service still present:\n%s", out)
+	}
+}
+
+// blocks splits `nft list table` output into chain/map/set blocks by header.
+func blocks(out string) map[string]string {
+	m := map[string]string{}
+	cur := ""
+	for _, l := range strings.Split(out, "\n") {
+		if s := strings.TrimSpace(l); strings.HasPrefix(l, "\t") && !strings.HasPrefix(l, "\t\t") && s != "}" && s != "" {
+			cur = s
+		}
+		m[cur] += l + "\n"
+	}
+	return m
+}
+
+// diffLines returns lines present in only one of a and b.
+func diffLines(a, b string) []string {
+	count := map[string]int{}
+	for _, l := range strings.Split(a, "\n") {
+		count[strings.TrimSpace(l)]++
+	}
+	for _, l := range strings.Split(b, "\n") {
+		count[strings.TrimSpace(l)]--
+	}
+	var out []string
+	for l, n := range count {
+		if n != 0 {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// TestKernelDriftRepair damages the table by hand and checks a full sync
+// repairs it without touching other tables.
+func TestKernelDriftRepair(t *testing.T) {
+	ns, b, fd := setupTraffic(t)
+	snap := trafficSnap()
+	mustSync(t, b, snap, false)
+	ns.MustRun(t, "nft", "add table ip other; add chain ip other c; add rule ip other c counter")
+	want := ns.MustRun(t, "nft", "list", "table", "ip", "miniproxy")
+	svcChain := ""
+	for _, l := range strings.Split(want, "\n") {
+		if s := strings.TrimSpace(l); strings.HasPrefix(s, "chain service-") && strings.Contains(s, "ns1/two/") {
+			svcChain = strings.TrimSuffix(strings.TrimPrefix(s, "chain "), " {")
+		}
+	}
+	if svcChain == "" {
+		t.Fatalf("no service chain for ns1/two in:\n%s", want)
+	}
+
+	damage := []struct{ name, script string }{
+		{"element and rules", fmt.Sprintf("delete element ip miniproxy service-ips { 172.30.0.12 . tcp . 80 }\nflush chain ip miniproxy %s\nadd chain ip miniproxy bogus\n", svcChain)},
+		{"rule added", "add rule ip miniproxy services counter\n"},
+		{"table deleted", "delete table ip miniproxy\n"},
+	}
+	for _, d := range damage {
+		if out, err := ns.Run(context.Background(), d.script, "nft", "-f", "-"); err != nil {
+			t.Fatalf("%s: %v: %s", d.name, err, out)
+		}
+		if got, _ := ns.Run(context.Background(), "", "nft", "list", "table", "ip", "miniproxy"); len(diffLines(got, want)) == 0 {
+			t.Fatalf("%s: damage had no effect", d.name)
+		}
+		res := mustSync(t, b, snap, true)
+		got, _ := ns.Run(context.Background(), "", "nft", "list", "table", "ip", "miniproxy")
+		if len(diffLines(want, got)) != 0 {
+			t.Errorf("%s: not repaired by full sync (%+v); diff: %q", d.name, res, diffLines(want, got))
+		}
+		if h := hits(t, fd, "172.30.0.12:80", 20); h["10.180.0.1:8080"]+h["10.180.0.2:8080"] != 20 {
+			t.Errorf("%s: traffic after repair: %v", d.name, h)
+		}
+	}
+	if out := ns.MustRun(t, "nft", "list", "table", "ip", "other"); !strings.Contains(out, "counter") {
+		t.Errorf("other table changed: %s", out)
+	}
+	// A full sync with nothing to repair sends nothing.
+	if res := mustSync(t, b, snap, true); res.Rules != 0 {
+		t.Errorf("clean full sync sent %d messages", res.Rules)
 	}
 }

@@ -1,6 +1,7 @@
 package nftables
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -78,15 +79,38 @@ func (b *Backend) observe(f model.Family) (*observed, error) {
 		}
 		m := make(map[string]string, len(els))
 		for _, e := range els {
-			v := ""
-			if e.VerdictData != nil {
-				v = verdictString(e.VerdictData.Kind, e.VerdictData.Chain)
-			}
-			m[string(e.Key)] = v
+			m[string(e.Key)] = elemVerdict(e)
 		}
 		obs.elems[s.Name] = m
 	}
 	return obs, nil
+}
+
+// elemVerdict decodes a verdict map element's value. google/nftables leaves
+// it as the raw NFTA_DATA_VERDICT attributes in Val when listing.
+func elemVerdict(e gnft.SetElement) string {
+	if e.VerdictData != nil {
+		return verdictString(e.VerdictData.Kind, e.VerdictData.Chain)
+	}
+	ad, err := netlink.NewAttributeDecoder(e.Val)
+	if err != nil {
+		return ""
+	}
+	ad.ByteOrder = binary.BigEndian
+	var code int32
+	chain := ""
+	for ad.Next() {
+		switch ad.Type() {
+		case unix.NFTA_VERDICT_CODE:
+			code = int32(ad.Uint32())
+		case unix.NFTA_VERDICT_CHAIN:
+			chain = ad.String()
+		}
+	}
+	if ad.Err() != nil {
+		return ""
+	}
+	return verdictString(expr.VerdictKind(code), chain)
 }
 
 func verdictString(k expr.VerdictKind, chain string) string {
