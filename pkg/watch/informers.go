@@ -1,0 +1,106 @@
+// Package watch turns Services, EndpointSlices and this node's Node, watched
+// through client-go informers, into model snapshots. It never talks to the kernel.
+package watch
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+)
+
+// Start runs informers for Services, EndpointSlices and the Node named
+// nodeName, feeding t and calling onChange after every recorded change. It
+// returns once every informer has synced (or ctx ends); the informers keep
+// running until ctx is cancelled.
+func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t *Tracker, onChange func()) error {
+	// Headless slices are never proxied; filtering them server-side saves
+	// memory on clusters with many headless Services.
+	factory := informers.NewSharedInformerFactory(client, 0)
+	sliceFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = "!" + LabelHeadless }))
+	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", nodeName).String()
+		}))
+
+	svcInf := factory.Core().V1().Services().Informer()
+	if _, err := svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { onService(t, obj, false); onChange() },
+		UpdateFunc: func(_, obj any) { onService(t, obj, false); onChange() },
+		DeleteFunc: func(obj any) { onService(t, obj, true); onChange() },
+	}); err != nil {
+		return fmt.Errorf("service handler: %w", err)
+	}
+	sliceInf := sliceFactory.Discovery().V1().EndpointSlices().Informer()
+	if _, err := sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { onSlice(t, obj, false); onChange() },
+		UpdateFunc: func(_, obj any) { onSlice(t, obj, false); onChange() },
+		DeleteFunc: func(obj any) { onSlice(t, obj, true); onChange() },
+	}); err != nil {
+		return fmt.Errorf("endpointslice handler: %w", err)
+	}
+	nodeInf := nodeFactory.Core().V1().Nodes().Informer()
+	if _, err := nodeInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { onNode(t, obj); onChange() },
+		UpdateFunc: func(_, obj any) { onNode(t, obj); onChange() },
+	}); err != nil {
+		return fmt.Errorf("node handler: %w", err)
+	}
+
+	for _, f := range []informers.SharedInformerFactory{factory, sliceFactory, nodeFactory} {
+		f.Start(ctx.Done())
+	}
+	syncCtx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	if !cache.WaitForCacheSync(syncCtx.Done(), svcInf.HasSynced, sliceInf.HasSynced, nodeInf.HasSynced) {
+		return fmt.Errorf("informer caches did not sync: %w", context.Cause(syncCtx))
+	}
+	return nil
+}
+
+func onService(t *Tracker, obj any, deleted bool) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj, deleted = d.Obj, true
+	}
+	svc, ok := obj.(*v1.Service)
+	if !ok {
+		return
+	}
+	key := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
+	if deleted {
+		t.SetService(key, nil)
+		return
+	}
+	t.SetService(key, svc)
+}
+
+func onSlice(t *Tracker, obj any, deleted bool) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj, deleted = d.Obj, true
+	}
+	sl, ok := obj.(*discovery.EndpointSlice)
+	if !ok {
+		return
+	}
+	svcName := sl.Labels[discovery.LabelServiceName]
+	if deleted {
+		t.SetSlice(sl.Namespace, sl.Name, nil, svcName)
+		return
+	}
+	t.SetSlice(sl.Namespace, sl.Name, sl, svcName)
+}
+
+func onNode(t *Tracker, obj any) {
+	if n, ok := obj.(*v1.Node); ok {
+		t.SetNode(n)
+	}
+}

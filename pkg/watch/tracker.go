@@ -1,0 +1,203 @@
+package watch
+
+import (
+	"log/slog"
+	"maps"
+	"reflect"
+	"sync"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+)
+
+// Tracker accumulates Service, EndpointSlice and Node changes from event
+// handlers and turns them into model snapshots on demand. Handlers only
+// record what changed; the conversion happens in Snapshot, once per sync and
+// only for the Services that changed since the previous snapshot.
+type Tracker struct {
+	log       *slog.Logger
+	proxyName string
+
+	mu       sync.Mutex
+	node     model.Node
+	services map[types.NamespacedName]*v1.Service
+	slices   map[types.NamespacedName]map[string]*discovery.EndpointSlice
+	dirty    map[types.NamespacedName]bool
+	built    map[types.NamespacedName][]*model.ServicePort
+	prev     *model.Snapshot
+	gen      uint64
+	pending  Pending
+	nodeSeen bool
+}
+
+// Pending counts the changes consumed by one Snapshot call, for metrics.
+type Pending struct {
+	ServiceChanges  int
+	EndpointChanges int
+	// TriggerTimes are when the consumed endpoint changes happened (from the
+	// EndpointSlice controller's annotation, or when miniproxy saw them).
+	TriggerTimes []time.Time
+	// Oldest is when the oldest consumed change was recorded (zero if none).
+	Oldest time.Time
+}
+
+// NewTracker returns an empty tracker. proxyName is this proxy's
+// service-proxy-name ("" to handle only unlabelled Services).
+func NewTracker(log *slog.Logger, proxyName string) *Tracker {
+	return &Tracker{
+		log:       log,
+		proxyName: proxyName,
+		services:  map[types.NamespacedName]*v1.Service{},
+		slices:    map[types.NamespacedName]map[string]*discovery.EndpointSlice{},
+		dirty:     map[types.NamespacedName]bool{},
+		built:     map[types.NamespacedName][]*model.ServicePort{},
+	}
+}
+
+func (t *Tracker) noteLocked(now time.Time) {
+	if t.pending.Oldest.IsZero() {
+		t.pending.Oldest = now
+	}
+}
+
+// SetService records a Service add or update; svc nil with key set records a delete.
+func (t *Tracker) SetService(key types.NamespacedName, svc *v1.Service) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old, had := t.services[key]
+	if svc == nil {
+		if !had {
+			return
+		}
+		delete(t.services, key)
+	} else {
+		if had && reflect.DeepEqual(old.Spec, svc.Spec) && reflect.DeepEqual(old.Status, svc.Status) && reflect.DeepEqual(old.Labels, svc.Labels) {
+			return
+		}
+		t.services[key] = svc
+	}
+	t.dirty[key] = true
+	t.pending.ServiceChanges++
+	t.noteLocked(time.Now())
+}
+
+// SetSlice records an EndpointSlice add or update; slice nil records a delete.
+func (t *Tracker) SetSlice(namespace, name string, slice *discovery.EndpointSlice, serviceName string) {
+	if serviceName == "" {
+		return
+	}
+	key := types.NamespacedName{Namespace: namespace, Name: serviceName}
+	now := time.Now()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	m := t.slices[key]
+	if slice == nil {
+		if _, ok := m[name]; !ok {
+			return
+		}
+		delete(m, name)
+		if len(m) == 0 {
+			delete(t.slices, key)
+		}
+	} else {
+		if m == nil {
+			m = map[string]*discovery.EndpointSlice{}
+			t.slices[key] = m
+		}
+		if old, ok := m[name]; ok && reflect.DeepEqual(old.Endpoints, slice.Endpoints) && reflect.DeepEqual(old.Ports, slice.Ports) {
+			m[name] = slice
+			return
+		}
+		m[name] = slice
+		if ts, err := time.Parse(time.RFC3339Nano, slice.Annotations[AnnotationTriggerTime]); err == nil {
+			now = ts
+		}
+	}
+	t.dirty[key] = true
+	t.pending.EndpointChanges++
+	t.pending.TriggerTimes = append(t.pending.TriggerTimes, now)
+	t.noteLocked(time.Now())
+}
+
+// SetNode records this node's Node object. A change of zone or addresses
+// changes eligibility for every Service, so every Service is rebuilt.
+func (t *Tracker) SetNode(n *v1.Node) {
+	info := NodeInfo(n)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.nodeSeen = true
+	if reflect.DeepEqual(info, t.node) {
+		return
+	}
+	t.node = info
+	for k := range t.services {
+		t.dirty[k] = true
+	}
+	t.noteLocked(time.Now())
+}
+
+// HasNode reports whether the Node object has been seen.
+func (t *Tracker) HasNode() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.nodeSeen
+}
+
+// Snapshot builds a snapshot from everything recorded so far, reusing the
+// ServicePort values of unchanged Services, and returns the changes it consumed.
+func (t *Tracker) Snapshot() (*model.Snapshot, Pending) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var services map[model.ServicePortName]*model.ServicePort
+	if t.prev != nil {
+		services = maps.Clone(t.prev.Services)
+	} else {
+		services = make(map[model.ServicePortName]*model.ServicePort, len(t.services)*2)
+	}
+	for key := range t.dirty {
+		for _, sp := range t.built[key] {
+			delete(services, sp.Name)
+		}
+		delete(t.built, key)
+		svc := t.services[key]
+		if svc == nil {
+			continue
+		}
+		if why := Ignored(svc, t.proxyName); why != "" {
+			t.log.Debug("ignoring service", "service", key.String(), "reason", why)
+			continue
+		}
+		var slices []*discovery.EndpointSlice
+		for _, sl := range t.slices[key] {
+			slices = append(slices, sl)
+		}
+		ports, warnings, err := ServicePorts(svc, slices)
+		if err != nil {
+			t.log.Error("skipping malformed service", "service", key.String(), "err", err)
+			continue
+		}
+		for _, w := range warnings {
+			t.log.Warn("dropping malformed field", "service", key.String(), "problem", w)
+		}
+		t.built[key] = ports
+		for _, sp := range ports {
+			services[sp.Name] = sp
+		}
+	}
+	clear(t.dirty)
+	t.gen++
+	snap := &model.Snapshot{Node: t.node, Services: services, Generation: t.gen}
+	if t.prev != nil && !reflect.DeepEqual(t.prev.Node, t.node) {
+		// Backends detect changes by pointer, and eligibility depends on the
+		// node; SetNode already marked every Service dirty, so every entry is new.
+		t.log.Info("node changed; every service re-rendered", "node", t.node.Name)
+	}
+	t.prev = snap
+	p := t.pending
+	t.pending = Pending{}
+	return snap, p
+}
