@@ -96,7 +96,7 @@ func New(cfg proxy.Config, opts Options) (*Backend, error) {
 		ns = h
 	}
 	var err error
-	if b.nl, err = netlink.NewHandleAt(ns); err != nil {
+	if b.nl, err = netlink.NewHandleAt(ns, unix.NETLINK_ROUTE); err != nil {
 		return nil, fmt.Errorf("netlink handle in %q: %w", opts.NetNSPath, err)
 	}
 	if !ipvsAvailable(opts.NetNSPath) {
@@ -430,7 +430,7 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	bound := map[netip.Addr]bool{}
 	link, lerr := b.nl.LinkByName(b.opts.Interface)
 	if lerr == nil {
-		addrs, err := b.nl.AddrList(link, netlink.FAMILY_ALL)
+		addrs, err := b.addrList(link)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("list addresses of %s: %w", b.opts.Interface, err))
 		}
@@ -529,7 +529,7 @@ func (b *Backend) ensureLink() (netlink.Link, error) {
 // addresses returns the node's own addresses (candidates for NodePorts) and
 // those bound to the dummy interface.
 func (b *Backend) addresses(link netlink.Link) (node, bound []netip.Addr, err error) {
-	addrs, err := b.nl.AddrList(nil, netlink.FAMILY_ALL)
+	addrs, err := b.addrList(nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("list node addresses: %w", err)
 	}
@@ -546,6 +546,21 @@ func (b *Backend) addresses(link netlink.Link) (node, bound []netip.Addr, err er
 		}
 	}
 	return node, bound, nil
+}
+
+// addrList lists addresses, retrying a dump the kernel interrupted because
+// addresses changed meanwhile (IPv6 DAD finishing on a new interface is
+// enough); a bounded number of tries, then the error.
+func (b *Backend) addrList(link netlink.Link) ([]netlink.Addr, error) {
+	var err error
+	for range 5 {
+		var addrs []netlink.Addr
+		addrs, err = b.nl.AddrList(link, netlink.FAMILY_ALL)
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return addrs, err
+		}
+	}
+	return nil, err
 }
 
 func hostAddr(a netip.Addr) *netlink.Addr {

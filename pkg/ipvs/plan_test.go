@@ -125,13 +125,22 @@ func TestBuildPlan(t *testing.T) {
 		},
 		{
 			name: "internalTrafficPolicy Local with no local endpoint leaves the VIP with no real server",
-			sp:   func() *model.ServicePort { sp := web(); sp.Endpoints = sp.Endpoints[1:]; sp.InternalPolicyLocal = true; return sp },
+			sp: func() *model.ServicePort {
+				sp := web()
+				sp.Endpoints = sp.Endpoints[1:]
+				sp.InternalPolicyLocal = true
+				return sp
+			},
 			want: "ClusterIP 10.96.0.10:80/TCP rr ->\n" +
 				"bind [10.96.0.10]\ncluster [10.96.0.10:80/TCP] masq [] local [] all=false\n",
 		},
 		{
 			name: "IPv6 cluster IP is skipped unless the family is enabled",
-			sp:   func() *model.ServicePort { sp := web(); sp.ClusterIPs = append(sp.ClusterIPs, a("fd00::10")); return sp },
+			sp: func() *model.ServicePort {
+				sp := web()
+				sp.ClusterIPs = append(sp.ClusterIPs, a("fd00::10"))
+				return sp
+			},
 			want: "ClusterIP 10.96.0.10:80/TCP rr -> 10.244.1.2:8080 10.244.2.2:8080\n" +
 				"bind [10.96.0.10]\ncluster [10.96.0.10:80/TCP] masq [] local [] all=false\n",
 		},

@@ -198,3 +198,13 @@ func TestInGuest(t *testing.T) {
 		t.Fatalf("dummy not loaded: %s", b)
 	}
 }
+
+// TestRunWithoutQemuIsUnavailable: a host without qemu must make callers
+// skip (ErrUnavailable), never pass silently or fail obscurely.
+func TestRunWithoutQemuIsUnavailable(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	_, err := Run(context.Background(), Options{Binary: "/nonexistent"})
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), QemuBinary) {
+		t.Fatalf("want ErrUnavailable naming %s, got %v", QemuBinary, err)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"debug/elf"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -43,6 +44,18 @@ type Kernel struct {
 	Vmlinuz string
 	// ModDir is lib/modules/<Release> inside the unpacked package.
 	ModDir string
+	// Vmlinux is the uncompressed kernel with a PVH entry point, when it
+	// could be extracted; qemu boots it directly, skipping the in-guest XZ
+	// decompression that dominates boot time under TCG (about 9 s -> 5 s).
+	Vmlinux string
+}
+
+// Image returns the kernel image to boot: Vmlinux when available.
+func (k *Kernel) Image() string {
+	if k.Vmlinux != "" {
+		return k.Vmlinux
+	}
+	return k.Vmlinuz
 }
 
 // DefaultPackage is the Debian meta package whose dependency is the kernel.
@@ -120,7 +133,85 @@ func findKernel(root string) (*Kernel, error) {
 	if _, err := os.Stat(mod); err != nil {
 		return nil, fmt.Errorf("modules of %s: %w", rel, err)
 	}
-	return &Kernel{Release: rel, Vmlinuz: imgs[0], ModDir: mod}, nil
+	k := &Kernel{Release: rel, Vmlinuz: imgs[0], ModDir: mod}
+	vml := filepath.Join(filepath.Dir(root), "vmlinux-"+rel)
+	if _, err := os.Stat(vml); err != nil {
+		// Best effort: without it the compressed image still boots.
+		if err := extractVmlinux(k.Vmlinuz, vml); err != nil {
+			return k, nil
+		}
+	}
+	k.Vmlinux = vml
+	return k, nil
+}
+
+// extractVmlinux unpacks the XZ payload of a bzImage (Debian's format) with
+// the xz tool and keeps it only if it is an ELF with a PVH entry note.
+func extractVmlinux(bz, out string) error {
+	data, err := os.ReadFile(bz)
+	if err != nil {
+		return err
+	}
+	i := bytes.Index(data, []byte("\xfd7zXZ\x00"))
+	if i < 0 {
+		return errors.New("no XZ payload in kernel image")
+	}
+	xz, err := exec.LookPath("xz")
+	if err != nil {
+		return err
+	}
+	tmp := out + ".tmp"
+	f, err := os.Create(tmp)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(xz, "-dc", "--single-stream")
+	cmd.Stdin = bytes.NewReader(data[i:])
+	cmd.Stdout = f
+	err = cmd.Run()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = checkPVH(tmp)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return os.Rename(tmp, out)
+}
+
+// checkPVH looks for XEN_ELFNOTE_PHYS32_ENTRY (type 18 in the "Xen" notes),
+// which qemu needs to boot an ELF kernel directly.
+func checkPVH(path string) error {
+	f, err := elf.Open(path)
+	if err != nil {
+		return fmt.Errorf("extracted kernel is not ELF: %w", err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type != elf.PT_NOTE {
+			continue
+		}
+		b, err := io.ReadAll(p.Open())
+		if err != nil {
+			return err
+		}
+		for len(b) >= 12 {
+			nsz, dsz, typ := f.ByteOrder.Uint32(b), f.ByteOrder.Uint32(b[4:]), f.ByteOrder.Uint32(b[8:])
+			name := b[12:min(len(b), 12+int(nsz))]
+			if typ == 18 && bytes.HasPrefix(name, []byte("Xen")) {
+				return nil
+			}
+			adv := 12 + int((nsz+3)&^3) + int((dsz+3)&^3)
+			if adv > len(b) {
+				break
+			}
+			b = b[adv:]
+		}
+	}
+	return errors.New("kernel has no PVH entry note")
 }
 
 // softAliases resolves soft dependencies that name a crypto algorithm rather

@@ -134,7 +134,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		"-accel", "tcg", "-smp", "1", "-m", strconv.Itoa(opts.MemoryMB),
 		"-nodefaults", "-display", "none", "-no-reboot",
 		"-serial", "stdio", "-monitor", "none",
-		"-kernel", k.Vmlinuz, "-initrd", initrd,
+		"-kernel", k.Image(), "-initrd", initrd,
 		"-append", "console=ttyS0 quiet panic=-1 rdinit=/init")
 	cmd.Stdin = nil
 	stdout, err := cmd.StdoutPipe()
