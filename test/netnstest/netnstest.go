@@ -8,11 +8,16 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netns"
 )
 
 // RequireRoot skips the test, printing why, unless it runs as root with the
@@ -75,4 +80,135 @@ func (n *NS) MustRun(t testing.TB, args ...string) string {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// Pod is a namespace attached to a "node" namespace by a veth pair, routed
+// (no bridge): the node side holds Gateway/32 and a host route to the pod.
+type Pod struct {
+	*NS
+	IP netip.Addr
+}
+
+// AddPod creates a pod namespace with address ip behind node. The veth is
+// created inside node and its peer moved straight into the pod, so nothing
+// ever appears in the root namespace. gateway is the node-side address
+// (shared by every pod of the node).
+func AddPod(t testing.TB, node *NS, ip, gateway string) *Pod {
+	t.Helper()
+	pod := New(t, "pod")
+	addr := netip.MustParseAddr(ip)
+	a4 := addr.As4()
+	host := fmt.Sprintf("v%x", a4[1:])
+	node.MustRun(t, "ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", pod.Name)
+	node.MustRun(t, "ip", "addr", "add", gateway+"/32", "dev", host)
+	node.MustRun(t, "ip", "link", "set", host, "up")
+	node.MustRun(t, "ip", "route", "add", ip+"/32", "dev", host)
+	pod.MustRun(t, "ip", "addr", "add", ip+"/32", "dev", "eth0")
+	pod.MustRun(t, "ip", "link", "set", "eth0", "up")
+	pod.MustRun(t, "ip", "route", "add", gateway, "dev", "eth0")
+	pod.MustRun(t, "ip", "route", "add", "default", "via", gateway)
+	return &Pod{NS: pod, IP: addr}
+}
+
+// Do runs fn on an OS thread switched into the namespace. Sockets created by
+// fn stay in the namespace after the thread switches back.
+func (n *NS) Do(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// The thread is not unlocked: if switching back failed it must die
+		// with the goroutine rather than serve other goroutines in the wrong namespace.
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- fmt.Errorf("get current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		target, err := netns.GetFromName(n.Name)
+		if err != nil {
+			errc <- fmt.Errorf("open netns %s: %w", n.Name, err)
+			return
+		}
+		defer target.Close()
+		if err := netns.Set(target); err != nil {
+			errc <- fmt.Errorf("enter netns %s: %w", n.Name, err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err != nil {
+			errc <- fmt.Errorf("leave netns %s: %w", n.Name, err)
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// ServeName starts a TCP and a UDP server on port inside the namespace that
+// answer every connection / datagram with name, and stops them at cleanup.
+func (n *NS) ServeName(t testing.TB, port int, name string) {
+	t.Helper()
+	var ln net.Listener
+	var pc net.PacketConn
+	if err := n.Do(func() (err error) {
+		if ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); err != nil {
+			return err
+		}
+		pc, err = net.ListenPacket("udp", fmt.Sprintf(":%d", port))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close(); pc.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = c.Write([]byte(name + " " + c.RemoteAddr().String() + "\n"))
+			c.Close()
+		}
+	}()
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			_, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = pc.WriteTo([]byte(name+" "+from.String()+"\n"), from)
+		}
+	}()
+}
+
+// Ask opens one connection (tcp or udp) from inside the namespace to addr and
+// returns the first word of the answer (the server's name) and the source
+// address the server saw.
+func (n *NS) Ask(network, addr string, timeout time.Duration) (name, seenFrom string, err error) {
+	var conn net.Conn
+	if err := n.Do(func() (err error) {
+		conn, err = net.DialTimeout(network, addr, timeout)
+		return err
+	}); err != nil {
+		return "", "", err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+	if network == "udp" {
+		if _, err := conn.Write([]byte("?")); err != nil {
+			return "", "", err
+		}
+	}
+	buf := make([]byte, 256)
+	k, err := conn.Read(buf)
+	if err != nil {
+		return "", "", err
+	}
+	f := strings.Fields(string(buf[:k]))
+	if len(f) < 2 {
+		return "", "", fmt.Errorf("short answer %q", buf[:k])
+	}
+	return f[0], f[1], nil
 }

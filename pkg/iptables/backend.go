@@ -1,0 +1,358 @@
+package iptables
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os/exec"
+	"reflect"
+	"sort"
+	"strings"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+)
+
+// Runner runs a command with optional stdin and returns its combined output.
+// The agent runs commands directly; tests prefix "ip netns exec NS".
+type Runner func(ctx context.Context, stdin string, name string, args ...string) ([]byte, error)
+
+// ExecRunner runs commands on this host (in the caller's network namespace).
+func ExecRunner(prefix ...string) Runner {
+	return func(ctx context.Context, stdin string, name string, args ...string) ([]byte, error) {
+		argv := append(append([]string{}, prefix...), name)
+		argv = append(argv, args...)
+		cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+		if stdin != "" {
+			cmd.Stdin = strings.NewReader(stdin)
+		}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return out, fmt.Errorf("%s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(string(out)))
+		}
+		return out, nil
+	}
+}
+
+// familyState is what was last committed to the kernel for one family.
+type familyState struct {
+	r        Renderer
+	tools    tools
+	base     *Base
+	services map[model.ServicePortName]ServiceRules
+	// chains holds every service-owned chain we committed, so stale ones can
+	// be deleted without listing the kernel's tables.
+	chains map[Table]map[string]bool
+}
+
+type tools struct{ save, restore, iptables, sysctlLocalnet string }
+
+// Backend is the iptables proxy.Backend.
+type Backend struct {
+	log      *slog.Logger
+	cfg      proxy.Config
+	run      Runner
+	families []*familyState
+	prev     *model.Snapshot
+	// synced is false until a full sync has succeeded; every sync until then,
+	// and after any failure, is full.
+	synced bool
+	// OnRestore, if set, is called with every restore input (tests, debugging).
+	OnRestore func(family model.Family, text string)
+	// FailRestore counts restore failures (for the restore-failures metric).
+	FailRestore func()
+}
+
+// New returns an iptables backend. It checks that the binaries exist before
+// anything touches the kernel.
+func New(log *slog.Logger, cfg proxy.Config, run Runner) (*Backend, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if run == nil {
+		run = ExecRunner()
+	}
+	b := &Backend{log: log, cfg: cfg, run: run}
+	for _, f := range []model.Family{model.IPv4, model.IPv6} {
+		if !cfg.HasFamily(f) {
+			continue
+		}
+		t := tools{save: "iptables-save", restore: "iptables-restore", iptables: "iptables", sysctlLocalnet: "net.ipv4.conf.all.route_localnet"}
+		if f == model.IPv6 {
+			t = tools{save: "ip6tables-save", restore: "ip6tables-restore", iptables: "ip6tables"}
+		}
+		for _, bin := range []string{t.save, t.restore, t.iptables} {
+			if _, err := exec.LookPath(bin); err != nil {
+				return nil, fmt.Errorf("iptables mode needs %s: %w (install the iptables package)", bin, err)
+			}
+		}
+		b.families = append(b.families, &familyState{
+			r: Renderer{Cfg: cfg, Family: f}, tools: t,
+			services: map[model.ServicePortName]ServiceRules{},
+			chains:   map[Table]map[string]bool{NAT: {}, Filter: {}},
+		})
+	}
+	return b, nil
+}
+
+// Sync implements proxy.Backend.
+func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (proxy.Result, error) {
+	full = full || !b.synced || b.prev == nil
+	res := proxy.Result{Full: full}
+	var changed []model.ServicePortName
+	if !full {
+		changed = snap.Diff(b.prev)
+	}
+	for _, fs := range b.families {
+		base := fs.r.RenderBase(snap.Node)
+		famFull := full || fs.base == nil || !reflect.DeepEqual(*fs.base, base)
+		var n, lines int
+		var err error
+		if famFull {
+			n, lines, err = b.syncFull(ctx, fs, snap, base)
+		} else {
+			n, lines, err = b.syncPartial(ctx, fs, snap, changed)
+		}
+		if err != nil {
+			b.synced = false
+			if b.FailRestore != nil {
+				b.FailRestore()
+			}
+			return res, fmt.Errorf("iptables IPv%d sync: %w", fs.r.Family, err)
+		}
+		res.Changed += n
+		res.Rules += lines
+		res.Full = res.Full || famFull
+	}
+	b.prev = snap
+	b.synced = true
+	return res, nil
+}
+
+func (b *Backend) syncFull(ctx context.Context, fs *familyState, snap *model.Snapshot, base Base) (int, int, error) {
+	if fs.base == nil {
+		// First sync of this process: learn which of our chains a previous
+		// run left, so stale ones are removed. Later full syncs rely on
+		// memory, because listing a large table costs seconds.
+		for _, table := range []Table{NAT, Filter} {
+			names, err := b.listChains(ctx, fs, table)
+			if err != nil {
+				return 0, 0, err
+			}
+			for _, c := range names {
+				fs.chains[table][c] = true
+			}
+		}
+	}
+	t, services, want := renderFull(&fs.r, snap, base, fs.chains)
+	text := t.String()
+	if err := b.restore(ctx, fs, text); err != nil {
+		return 0, 0, err
+	}
+	if err := b.ensureHooks(ctx, fs, base); err != nil {
+		return 0, 0, err
+	}
+	if fs.r.localhostNodePorts() && fs.tools.sysctlLocalnet != "" {
+		// Only inside the network namespace this process runs in (the node's).
+		if _, err := b.run(ctx, "", "sysctl", "-q", "-w", fs.tools.sysctlLocalnet+"=1"); err != nil {
+			b.log.Warn("cannot enable route_localnet; NodePorts on 127.0.0.1 will not answer", "err", err)
+		}
+	}
+	fs.base = &base
+	fs.services = services
+	fs.chains = want
+	return len(services), t.lines, nil
+}
+
+func (b *Backend) syncPartial(ctx context.Context, fs *familyState, snap *model.Snapshot, changed []model.ServicePortName) (int, int, error) {
+	t := newRestoreText()
+	next := map[model.ServicePortName]ServiceRules{}
+	for _, name := range changed {
+		old := fs.services[name]
+		var cur ServiceRules
+		if sp := snap.Services[name]; sp != nil {
+			cur = fs.r.RenderService(sp, snap.Node)
+		}
+		next[name] = cur
+		keep := map[string]bool{}
+		for _, c := range cur.Chains {
+			t.chain(c)
+			keep[c.Name] = true
+		}
+		for _, c := range old.Chains {
+			if !keep[c.Name] {
+				t.drop(c.Table, c.Name)
+			}
+		}
+		for _, table := range []Table{NAT, Filter} {
+			del, add := sharedDelta(old.Shared[table], cur.Shared[table])
+			t.deletes[table] = append(t.deletes[table], del...)
+			t.rules[table] = append(t.rules[table], add...)
+		}
+	}
+	if t.empty() {
+		return 0, 0, nil
+	}
+	if err := b.restore(ctx, fs, t.String()); err != nil {
+		return 0, 0, err
+	}
+	for name, sr := range next {
+		for _, c := range fs.services[name].Chains {
+			delete(fs.chains[c.Table], c.Name)
+		}
+		for _, c := range sr.Chains {
+			fs.chains[c.Table][c.Name] = true
+		}
+		if snap.Services[name] == nil {
+			delete(fs.services, name)
+		} else {
+			fs.services[name] = sr
+		}
+	}
+	return len(changed), t.lines, nil
+}
+
+// renderFull is the pure part of a full sync: the restore input that declares
+// every wanted chain and removes every stale one in existing.
+func renderFull(r *Renderer, snap *model.Snapshot, base Base, existing map[Table]map[string]bool) (*restoreText, map[model.ServicePortName]ServiceRules, map[Table]map[string]bool) {
+	t := newRestoreText()
+	want := map[Table]map[string]bool{NAT: {}, Filter: {}}
+	for _, c := range base.Chains {
+		t.chain(c)
+		want[c.Table][c.Name] = true
+	}
+	services := make(map[model.ServicePortName]ServiceRules, len(snap.Services))
+	for _, sp := range snap.Sorted() {
+		sr := r.RenderService(sp, snap.Node)
+		services[sp.Name] = sr
+		for _, c := range sr.Chains {
+			t.chain(c)
+			want[c.Table][c.Name] = true
+		}
+		for _, table := range []Table{NAT, Filter} {
+			t.rules[table] = append(t.rules[table], sr.Shared[table]...)
+		}
+	}
+	for _, table := range []Table{NAT, Filter} {
+		var stale []string
+		for name := range existing[table] {
+			if !want[table][name] && ownedChain(name) {
+				stale = append(stale, name)
+			}
+		}
+		sort.Strings(stale)
+		for _, name := range stale {
+			t.drop(table, name)
+		}
+	}
+	return t, services, want
+}
+
+func (b *Backend) restore(ctx context.Context, fs *familyState, text string) error {
+	if b.OnRestore != nil {
+		b.OnRestore(fs.r.Family, text)
+	}
+	if _, err := b.run(ctx, text, fs.tools.restore, "--noflush", "-w", "5"); err != nil {
+		return fmt.Errorf("restore (%d bytes): %w", len(text), err)
+	}
+	return nil
+}
+
+func (b *Backend) ensureHooks(ctx context.Context, fs *familyState, base Base) error {
+	for _, h := range base.Hooks {
+		args := append([]string{"-w", "5", "-t", string(h.Table), "-C", h.Chain}, h.Args...)
+		if _, err := b.run(ctx, "", fs.tools.iptables, args...); err == nil {
+			continue
+		}
+		args = append([]string{"-w", "5", "-t", string(h.Table), "-I", h.Chain, "1"}, h.Args...)
+		if _, err := b.run(ctx, "", fs.tools.iptables, args...); err != nil {
+			return fmt.Errorf("hook %s/%s: %w", h.Table, h.Chain, err)
+		}
+	}
+	return nil
+}
+
+func (b *Backend) listChains(ctx context.Context, fs *familyState, table Table) ([]string, error) {
+	out, err := b.run(ctx, "", fs.tools.save, "-t", string(table))
+	if err != nil {
+		// A table that was never used cannot be listed on some kernels; that
+		// simply means there is nothing of ours in it.
+		if strings.Contains(err.Error(), "does not exist") {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("list %s chains: %w", table, err)
+	}
+	var names []string
+	sc := bufio.NewScanner(strings.NewReader(string(out)))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, ":KUBE-") {
+			name, _, _ := strings.Cut(line[1:], " ")
+			names = append(names, name)
+		}
+	}
+	return names, sc.Err()
+}
+
+var ownedPrefixes = []string{"KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"}
+
+func ownedChain(name string) bool {
+	for _, p := range ownedPrefixes {
+		if strings.HasPrefix(name, p) {
+			return true
+		}
+	}
+	switch name {
+	case ChainServices, ChainNodePorts, ChainNodePortDispatch, ChainPostrouting, ChainMarkMasq,
+		ChainExternalServices, ChainFirewall, ChainLocalnetGuard:
+		return true
+	}
+	return false
+}
+
+// Cleanup implements proxy.Backend: it removes the hooks and every chain of
+// miniproxy's naming scheme, and nothing else.
+func (b *Backend) Cleanup(ctx context.Context) error {
+	var errs []error
+	for _, fs := range b.families {
+		base := fs.r.RenderBase(model.Node{})
+		hooks := base.Hooks
+		// The localhost guard hook may exist even if this config would not create it.
+		hooks = append(hooks, Hook{Filter, "INPUT", []string{"-j", ChainLocalnetGuard}}, Hook{Filter, "OUTPUT", []string{"-j", ChainLocalnetGuard}})
+		for _, h := range hooks {
+			for i := 0; i < 10; i++ { // bounded: a hook is never inserted more than once, but be safe
+				args := append([]string{"-w", "5", "-t", string(h.Table), "-D", h.Chain}, h.Args...)
+				if _, err := b.run(ctx, "", fs.tools.iptables, args...); err != nil {
+					break
+				}
+			}
+		}
+		t := newRestoreText()
+		for _, table := range []Table{NAT, Filter} {
+			names, err := b.listChains(ctx, fs, table)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			for _, n := range names {
+				if ownedChain(n) {
+					t.drop(table, n)
+				}
+			}
+		}
+		if t.empty() {
+			continue
+		}
+		if err := b.restore(ctx, fs, t.String()); err != nil {
+			errs = append(errs, fmt.Errorf("IPv%d cleanup: %w", fs.r.Family, err))
+		}
+	}
+	b.synced = false
+	for _, fs := range b.families {
+		fs.base = nil
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,174 @@
+package iptables
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+	mt "github.com/miniproxy/miniproxy/pkg/model/modeltest"
+	"github.com/miniproxy/miniproxy/test/netnstest"
+)
+
+// lab is a node namespace with routed pod namespaces, the smallest topology
+// where DNAT to pods and masquerade can be observed with real connections.
+type lab struct {
+	node    *netnstest.NS
+	pods    map[string]*netnstest.Pod
+	client  *netnstest.Pod
+	backend *Backend
+}
+
+func newLab(t *testing.T, podIPs ...string) *lab {
+	t.Helper()
+	netnstest.RequireRoot(t, "iptables-restore", "iptables-save", "sysctl")
+	l := &lab{node: netnstest.New(t, "node"), pods: map[string]*netnstest.Pod{}}
+	l.node.MustRun(t, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+	for i, ip := range podIPs {
+		p := netnstest.AddPod(t, l.node, ip, "10.180.0.1")
+		name := "pod" + string(rune('a'+i))
+		p.ServeName(t, 8080, name)
+		l.pods[name] = p
+	}
+	l.client = netnstest.AddPod(t, l.node, "10.180.0.100", "10.180.0.1")
+	b, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg(), ExecRunner("ip", "netns", "exec", l.node.Name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.backend = b
+	return l
+}
+
+func (l *lab) sync(t *testing.T, snap *model.Snapshot, full bool) {
+	t.Helper()
+	if _, err := l.backend.Sync(context.Background(), snap, full); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// counts makes n connections from the client to addr and counts answers by pod name.
+func (l *lab) counts(t *testing.T, network, addr string, n int) map[string]int {
+	t.Helper()
+	got := map[string]int{}
+	for i := 0; i < n; i++ {
+		name, _, err := l.client.Ask(network, addr, 2*time.Second)
+		if err != nil {
+			t.Fatalf("connection %d to %s: %v", i, addr, err)
+		}
+		got[name]++
+	}
+	return got
+}
+
+func TestKernelClusterIPSpreads(t *testing.T) {
+	l := newLab(t, "10.180.0.5", "10.180.0.6")
+	sp := mt.SP("ns", "web", "", "172.30.0.3", 80, mt.Ep("10.180.0.5", 8080, "node-a"), mt.Ep("10.180.0.6", 8080, "node-a"))
+	l.sync(t, mt.Snap(sp), true)
+
+	got := l.counts(t, "tcp", "172.30.0.3:80", 200)
+	if len(got) != 2 || got["poda"]+got["podb"] != 200 {
+		t.Fatalf("want answers from both pods only, got %v", got)
+	}
+	t.Logf("200 connections: %v", got)
+
+	// Read back what the kernel holds: the chains and the DNAT targets.
+	save := l.node.MustRun(t, "iptables-save", "-t", "nat")
+	for _, want := range []string{"-A KUBE-SERVICES", "--to-destination 10.180.0.5:8080", "--to-destination 10.180.0.6:8080", "-j KUBE-SERVICES"} {
+		if !strings.Contains(save, want) {
+			t.Errorf("iptables-save lacks %q:\n%s", want, save)
+		}
+	}
+}
+
+func TestKernelPartialSyncAndCleanup(t *testing.T) {
+	l := newLab(t, "10.180.0.5", "10.180.0.6")
+	// Someone else's rule in the same table must survive everything we do.
+	l.node.MustRun(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.99.0.0/16", "-j", "RETURN")
+
+	a := mt.SP("ns", "a", "", "172.30.0.3", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
+	b := mt.SP("ns", "b", "", "172.30.0.4", 80, mt.Ep("10.180.0.6", 8080, "node-a"))
+	s1 := mt.Snap(a, b)
+	l.sync(t, s1, true)
+
+	// Change only b: the partial restore must not mention a.
+	var text string
+	l.backend.OnRestore = func(_ model.Family, s string) { text = s }
+	b2 := mt.SP("ns", "b", "", "172.30.0.4", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
+	s2 := mt.Snap(a, b2)
+	s2.Services[a.Name] = a // same pointer: unchanged
+	res, err := l.backend.Sync(context.Background(), s2, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Full || res.Changed != 1 {
+		t.Fatalf("want a partial sync of 1 service, got %+v", res)
+	}
+	if strings.Contains(text, "ns/a:") || !strings.Contains(text, "ns/b:") {
+		t.Fatalf("partial restore should touch only ns/b:\n%s", text)
+	}
+	if got := l.counts(t, "tcp", "172.30.0.4:80", 20); got["poda"] != 20 {
+		t.Fatalf("after partial sync ns/b should reach poda only, got %v", got)
+	}
+	if got := l.counts(t, "tcp", "172.30.0.3:80", 5); got["poda"] != 5 {
+		t.Fatalf("ns/a should be untouched, got %v", got)
+	}
+
+	// Remove a: its VIP rejects at once (no service rule left means the packet is
+	// routed nowhere; with the service gone entirely we only check the chain is gone).
+	s3 := mt.Snap(b2)
+	if _, err := l.backend.Sync(context.Background(), s3, false); err != nil {
+		t.Fatal(err)
+	}
+	save := l.node.MustRun(t, "iptables-save", "-t", "nat")
+	if strings.Contains(save, "ns/a:") {
+		t.Fatalf("chains of removed service remain:\n%s", save)
+	}
+
+	if err := l.backend.Cleanup(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, table := range []string{"nat", "filter"} {
+		save := l.node.MustRun(t, "iptables-save", "-t", table)
+		if strings.Contains(save, "KUBE-") {
+			t.Fatalf("cleanup left KUBE- chains in %s:\n%s", table, save)
+		}
+	}
+	if save := l.node.MustRun(t, "iptables-save", "-t", "nat"); !strings.Contains(save, "-s 10.99.0.0/16 -j RETURN") {
+		t.Fatalf("cleanup removed someone else's rule:\n%s", save)
+	}
+}
+
+func TestKernelRejectWithoutEndpoints(t *testing.T) {
+	l := newLab(t, "10.180.0.5")
+	l.sync(t, mt.Snap(mt.SP("ns", "empty", "", "172.30.0.9", 80)), true)
+	start := time.Now()
+	_, _, err := l.client.Ask("tcp", "172.30.0.9:80", 3*time.Second)
+	if err == nil {
+		t.Fatal("connection to a service without endpoints succeeded")
+	}
+	if !strings.Contains(err.Error(), "refused") && !strings.Contains(err.Error(), "unreachable") {
+		t.Fatalf("want an immediate reject, got %v after %v", err, time.Since(start))
+	}
+}
+
+func TestKernelDriftRepair(t *testing.T) {
+	l := newLab(t, "10.180.0.5")
+	sp := mt.SP("ns", "a", "", "172.30.0.3", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
+	snap := mt.Snap(sp)
+	l.sync(t, snap, true)
+	// An operator flushes our dispatch chain and deletes the hook.
+	l.node.MustRun(t, "iptables", "-t", "nat", "-F", "KUBE-SERVICES")
+	l.node.MustRun(t, "iptables", "-t", "nat", "-D", "OUTPUT", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES")
+	l.node.MustRun(t, "iptables", "-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES")
+	if _, _, err := l.client.Ask("tcp", "172.30.0.3:80", 500*time.Millisecond); err == nil {
+		t.Fatal("VIP still answers after the rules were removed; the test proves nothing")
+	}
+	l.sync(t, snap, true) // the periodic full sync
+	if got := l.counts(t, "tcp", "172.30.0.3:80", 5); got["poda"] != 5 {
+		t.Fatalf("full sync did not repair: %v", got)
+	}
+}
+

@@ -1,0 +1,422 @@
+// Package iptables is miniproxy's iptables backend: a pure renderer from the
+// model to iptables-restore input, and a thin applier that feeds it to
+// iptables-restore --noflush in one atomic transaction per table set.
+//
+// Chain layout (nat table), in the style of kube-proxy:
+//
+//	PREROUTING, OUTPUT → KUBE-SERVICES      one rule per VIP:port (ClusterIP, externalIP, LB IP)
+//	PREROUTING, OUTPUT → KUBE-NODEPORTS-DISPATCH → KUBE-NODEPORTS (local destinations only)
+//	KUBE-SVC-x   cluster endpoints: statistic cascade 1/n, 1/(n-1), … → KUBE-SEP-y
+//	KUBE-SVL-x   local endpoints (traffic policy Local)
+//	KUBE-EXT-x   external traffic: masquerade / policy decision, then SVC or SVL
+//	KUBE-FW-x    loadBalancerSourceRanges: allowed sources continue to KUBE-EXT-x
+//	KUBE-SEP-y   hairpin masquerade mark + DNAT to one endpoint
+//	POSTROUTING → KUBE-POSTROUTING          masquerade packets carrying the mark
+//
+// Unlike kube-proxy, the NodePort jump lives in its own chain hooked after
+// KUBE-SERVICES, so rules inside KUBE-SERVICES never depend on their order.
+// That lets a partial sync add and delete exactly the dispatch rules of the
+// Services that changed (-A / -D) instead of rewriting a chain that holds one
+// rule per Service: the work of one change does not grow with the cluster.
+package iptables
+
+import (
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+)
+
+// Chain names shared by every Service.
+const (
+	ChainServices         = "KUBE-SERVICES"
+	ChainNodePorts        = "KUBE-NODEPORTS"
+	ChainNodePortDispatch = "KUBE-NODEPORTS-DISPATCH"
+	ChainPostrouting      = "KUBE-POSTROUTING"
+	ChainMarkMasq         = "KUBE-MARK-MASQ"
+	ChainExternalServices = "KUBE-EXTERNAL-SERVICES"
+	ChainFirewall         = "KUBE-PROXY-FIREWALL"
+	ChainLocalnetGuard    = "KUBE-FIREWALL"
+	chainPrefix           = "KUBE-"
+)
+
+// Table is an iptables table name.
+type Table string
+
+// The two tables miniproxy writes.
+const (
+	NAT    Table = "nat"
+	Filter Table = "filter"
+)
+
+// Hook is a jump from a built-in chain into one of miniproxy's chains.
+// Hooks are not part of the restore input: they are ensured with -C / -I so
+// that rules other components put in the built-in chains stay untouched.
+type Hook struct {
+	Table Table
+	Chain string // built-in chain
+	Args  []string
+}
+
+// Chain is one miniproxy chain and its rules (each a full "-A CHAIN ..." line).
+type Chain struct {
+	Table Table
+	Name  string
+	Rules []string
+}
+
+// ServiceRules is everything one service port contributes: chains it owns
+// outright, and rules it appends to shared chains.
+type ServiceRules struct {
+	Chains []Chain
+	// Shared are "-A SHARED-CHAIN ..." lines keyed by table. Their order
+	// within a shared chain never matters.
+	Shared map[Table][]string
+}
+
+// Base is the static structure: shared chains with their fixed rules, and the hooks.
+type Base struct {
+	Chains []Chain
+	Hooks  []Hook
+}
+
+// Renderer renders one IP family.
+type Renderer struct {
+	Cfg    proxy.Config
+	Family model.Family
+}
+
+func (r *Renderer) host(a netip.Addr) string {
+	if r.Family == model.IPv6 {
+		return a.String() + "/128"
+	}
+	return a.String() + "/32"
+}
+
+func (r *Renderer) markMasq() string {
+	m := r.Cfg.MarkMasq()
+	return fmt.Sprintf("0x%x/0x%x", m, m)
+}
+
+func (r *Renderer) localhostNodePorts() bool {
+	return r.Family == model.IPv4 && r.Cfg.LocalhostNodePorts && !r.Cfg.NodePortPrimary && len(r.Cfg.NodePortAddresses) == 0
+}
+
+// RenderBase returns the shared chains and hooks for node.
+func (r *Renderer) RenderBase(node model.Node) Base {
+	ctNew := []string{"-m", "conntrack", "--ctstate", "NEW"}
+	hooks := []Hook{
+		{NAT, "PREROUTING", []string{"-m", "comment", "--comment", "kubernetes service portals", "-j", ChainServices}},
+		{NAT, "OUTPUT", []string{"-m", "comment", "--comment", "kubernetes service portals", "-j", ChainServices}},
+		{NAT, "PREROUTING", []string{"-m", "comment", "--comment", "kubernetes service nodeports", "-j", ChainNodePortDispatch}},
+		{NAT, "OUTPUT", []string{"-m", "comment", "--comment", "kubernetes service nodeports", "-j", ChainNodePortDispatch}},
+		{NAT, "POSTROUTING", []string{"-m", "comment", "--comment", "kubernetes postrouting rules", "-j", ChainPostrouting}},
+		{Filter, "INPUT", append(append([]string{}, ctNew...), "-m", "comment", "--comment", "kubernetes externally-visible service portals", "-j", ChainExternalServices)},
+		{Filter, "FORWARD", append(append([]string{}, ctNew...), "-m", "comment", "--comment", "kubernetes externally-visible service portals", "-j", ChainExternalServices)},
+		{Filter, "OUTPUT", append(append([]string{}, ctNew...), "-m", "comment", "--comment", "kubernetes externally-visible service portals", "-j", ChainExternalServices)},
+		{Filter, "FORWARD", append(append([]string{}, ctNew...), "-m", "comment", "--comment", "kubernetes service portals", "-j", ChainServices)},
+		{Filter, "OUTPUT", append(append([]string{}, ctNew...), "-m", "comment", "--comment", "kubernetes service portals", "-j", ChainServices)},
+		{Filter, "INPUT", append(append([]string{}, ctNew...), "-m", "comment", "--comment", "kubernetes load balancer firewall", "-j", ChainFirewall)},
+		{Filter, "FORWARD", append(append([]string{}, ctNew...), "-m", "comment", "--comment", "kubernetes load balancer firewall", "-j", ChainFirewall)},
+		{Filter, "OUTPUT", append(append([]string{}, ctNew...), "-m", "comment", "--comment", "kubernetes load balancer firewall", "-j", ChainFirewall)},
+		{Filter, "INPUT", []string{"-m", "comment", "--comment", "kubernetes health check service ports", "-j", ChainNodePorts}},
+	}
+	mark := r.markMasq()
+	post := []string{
+		fmt.Sprintf("-A %s -m mark ! --mark %s -j RETURN", ChainPostrouting, mark),
+		// Clear the mark so a packet re-entering the stack is not masqueraded twice.
+		fmt.Sprintf("-A %s -j MARK --xor-mark 0x%x", ChainPostrouting, r.Cfg.MarkMasq()),
+		fmt.Sprintf(`-A %s -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully`, ChainPostrouting),
+	}
+	dispatch := r.nodePortDispatch(node)
+	chains := []Chain{
+		{NAT, ChainServices, nil},
+		{NAT, ChainNodePorts, nil},
+		{NAT, ChainNodePortDispatch, dispatch},
+		{NAT, ChainPostrouting, post},
+		{NAT, ChainMarkMasq, []string{fmt.Sprintf("-A %s -j MARK --or-mark 0x%x", ChainMarkMasq, r.Cfg.MarkMasq())}},
+		{Filter, ChainServices, nil},
+		{Filter, ChainExternalServices, nil},
+		{Filter, ChainFirewall, nil},
+		{Filter, ChainNodePorts, nil},
+	}
+	if r.localhostNodePorts() {
+		// CVE-2020-8558: with route_localnet on, drop packets to 127/8 that
+		// arrive from off the node and were not DNATed to a NodePort.
+		chains = append(chains, Chain{Filter, ChainLocalnetGuard, []string{
+			fmt.Sprintf(`-A %s -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP`, ChainLocalnetGuard),
+		}})
+		hooks = append(hooks,
+			Hook{Filter, "INPUT", []string{"-j", ChainLocalnetGuard}},
+			Hook{Filter, "OUTPUT", []string{"-j", ChainLocalnetGuard}})
+	}
+	return Base{Chains: chains, Hooks: hooks}
+}
+
+func (r *Renderer) nodePortDispatch(node model.Node) []string {
+	var out []string
+	add := func(match string) {
+		out = append(out, fmt.Sprintf(`-A %s %s-m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -j %s`, ChainNodePortDispatch, match, ChainNodePorts))
+	}
+	switch {
+	case r.Cfg.NodePortPrimary:
+		for _, a := range node.Addresses {
+			if model.FamilyOf(a) == r.Family {
+				add("-d " + r.host(a) + " ")
+			}
+		}
+	case len(r.Cfg.NodePortAddresses) > 0:
+		for _, p := range r.Cfg.NodePortAddresses {
+			if model.FamilyOf(p.Addr()) != r.Family {
+				continue
+			}
+			if p.Bits() == 0 {
+				add("-m addrtype --dst-type LOCAL ")
+			} else {
+				add("-d " + p.String() + " -m addrtype --dst-type LOCAL ")
+			}
+		}
+	default:
+		if r.Family == model.IPv4 && !r.Cfg.LocalhostNodePorts {
+			out = append(out, fmt.Sprintf("-A %s -d 127.0.0.0/8 -j RETURN", ChainNodePortDispatch))
+		}
+		if r.Family == model.IPv6 {
+			// IPv6 has no route_localnet; ::1 can never be a NodePort address.
+			out = append(out, fmt.Sprintf("-A %s -d ::1/128 -j RETURN", ChainNodePortDispatch))
+		}
+		add("-m addrtype --dst-type LOCAL ")
+	}
+	return out
+}
+
+// Names of a service port's chains.
+type names struct {
+	svc, svl, ext, fw string
+	comment           string
+}
+
+func (r *Renderer) namesFor(sp *model.ServicePort) names {
+	base := sp.Name.String()
+	// The family is part of the hash so v4 and v6 chains of a dual-stack
+	// Service never collide in a shared log or dump.
+	fam := strconv.Itoa(int(r.Family))
+	return names{
+		svc:     chainPrefix + "SVC-" + model.ShortHash(fam, base),
+		svl:     chainPrefix + "SVL-" + model.ShortHash(fam, base),
+		ext:     chainPrefix + "EXT-" + model.ShortHash(fam, base),
+		fw:      chainPrefix + "FW-" + model.ShortHash(fam, base),
+		comment: strconv.Quote(base),
+	}
+}
+
+func (r *Renderer) sepName(sp *model.ServicePort, ep model.Endpoint) string {
+	return chainPrefix + "SEP-" + model.ShortHash(strconv.Itoa(int(r.Family)), sp.Name.String(), ep.String())
+}
+
+func (r *Renderer) inFamily(eps []model.Endpoint) []model.Endpoint {
+	var out []model.Endpoint
+	for _, ep := range eps {
+		if model.FamilyOf(ep.IP) == r.Family {
+			out = append(out, ep)
+		}
+	}
+	return out
+}
+
+func (r *Renderer) addrs(in []netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range in {
+		if model.FamilyOf(a) == r.Family {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// RenderService returns the rules of one service port for this family.
+// It returns an empty ServiceRules when the port has no address of this family.
+func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) ServiceRules {
+	out := ServiceRules{Shared: map[Table][]string{}}
+	vip, hasVIP := sp.ClusterIP(r.Family)
+	if !hasVIP {
+		return out
+	}
+	n := r.namesFor(sp)
+	elig := sp.Eligible(node)
+	internal := r.inFamily(elig.Internal)
+	external := r.inFamily(elig.External)
+	cluster := r.inFamily(elig.Cluster)
+	local := r.inFamily(elig.Local)
+	any := len(r.inFamily(sp.Endpoints)) > 0
+	proto := sp.Protocol.Lower()
+	pm := fmt.Sprintf("-p %s -m %s --dport %d", proto, proto, sp.Port)
+	comment := "-m comment --comment " + n.comment
+
+	// Which chains exist: SVC when cluster endpoints are used by some
+	// traffic, SVL when local endpoints are.
+	usesSVC := (len(internal) > 0 && !sp.InternalPolicyLocal) || (len(external) > 0 && !sp.ExternalPolicyLocal) ||
+		(sp.ExternalPolicyLocal && sp.HasExternal() && len(cluster) > 0)
+	usesSVL := (sp.InternalPolicyLocal && len(local) > 0) || (sp.ExternalPolicyLocal && sp.HasExternal() && len(local) > 0)
+
+	seps := map[string]bool{}
+	addSEPs := func(eps []model.Endpoint) {
+		for _, ep := range eps {
+			name := r.sepName(sp, ep)
+			if seps[name] {
+				continue
+			}
+			seps[name] = true
+			rules := []string{
+				fmt.Sprintf("-A %s %s -s %s -j %s", name, comment, r.host(ep.IP), ChainMarkMasq),
+			}
+			affinity := ""
+			if sp.AffinitySeconds > 0 {
+				affinity = fmt.Sprintf("-m recent --name %s --set --rsource ", name)
+			}
+			rules = append(rules, fmt.Sprintf("-A %s %s -p %s %s-m %s -j DNAT --to-destination %s", name, comment, proto, affinity, proto, ep.AddrPort()))
+			out.Chains = append(out.Chains, Chain{NAT, name, rules})
+		}
+	}
+	balance := func(chain string, eps []model.Endpoint, pre []string) {
+		rules := append([]string{}, pre...)
+		if sp.AffinitySeconds > 0 {
+			for _, ep := range eps {
+				sep := r.sepName(sp, ep)
+				rules = append(rules, fmt.Sprintf("-A %s %s -m recent --name %s --rcheck --seconds %d --reap -j %s", chain, comment, sep, sp.AffinitySeconds, sep))
+			}
+		}
+		for i, ep := range eps {
+			sep := r.sepName(sp, ep)
+			if left := len(eps) - i; left > 1 {
+				rules = append(rules, fmt.Sprintf("-A %s %s -m statistic --mode random --probability %0.10f -j %s", chain, comment, 1.0/float64(left), sep))
+			} else {
+				rules = append(rules, fmt.Sprintf("-A %s %s -j %s", chain, comment, sep))
+			}
+		}
+		out.Chains = append(out.Chains, Chain{NAT, chain, rules})
+		addSEPs(eps)
+	}
+
+	if usesSVC {
+		var pre []string
+		if r.Cfg.MasqueradeAll {
+			pre = append(pre, fmt.Sprintf("-A %s %s -d %s %s -j %s", n.svc, comment, r.host(vip), pm, ChainMarkMasq))
+		} else if locals := r.Cfg.LocalPrefixes(r.Family, node); len(locals) > 0 && r.Cfg.LocalMode != proxy.LocalModeNone {
+			// Off-node sources reaching a ClusterIP (e.g. through a route to
+			// the service CIDR) must be masqueraded so replies come back here.
+			for _, p := range locals {
+				pre = append(pre, fmt.Sprintf("-A %s %s ! -s %s -d %s %s -j %s", n.svc, comment, p, r.host(vip), pm, ChainMarkMasq))
+			}
+		}
+		balance(n.svc, cluster, pre)
+	}
+	if usesSVL {
+		balance(n.svl, local, nil)
+	}
+
+	// ClusterIP dispatch.
+	internalChain := n.svc
+	if sp.InternalPolicyLocal {
+		internalChain = n.svl
+	}
+	clusterMatch := fmt.Sprintf("%s -d %s %s", comment, r.host(vip), pm)
+	if len(internal) > 0 {
+		out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, clusterMatch, internalChain))
+	} else {
+		target := "DROP"
+		if !any {
+			target = "REJECT"
+		}
+		out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j %s", ChainServices, clusterMatch, target))
+	}
+
+	if !sp.HasExternal() {
+		return out
+	}
+	// External traffic: NodePorts, externalIPs, load-balancer IPs.
+	extTarget := ""
+	if len(external) > 0 {
+		extTarget = n.ext
+		var rules []string
+		if sp.ExternalPolicyLocal {
+			// Pods and the node itself reaching the external address get
+			// cluster-wide behaviour, as kube-proxy does: only traffic from
+			// outside is restricted to (and keeps its source for) local endpoints.
+			if len(cluster) > 0 {
+				for _, p := range r.Cfg.LocalPrefixes(r.Family, node) {
+					rules = append(rules, fmt.Sprintf(`-A %s -m comment --comment "pod traffic for %s external destinations" -s %s -j %s`, n.ext, strings.Trim(n.comment, `"`), p, n.svc))
+				}
+				rules = append(rules,
+					fmt.Sprintf(`-A %s -m comment --comment "masquerade LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), ChainMarkMasq),
+					fmt.Sprintf(`-A %s -m comment --comment "route LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), n.svc))
+			}
+			rules = append(rules, fmt.Sprintf("-A %s -j %s", n.ext, n.svl))
+		} else {
+			rules = append(rules,
+				fmt.Sprintf(`-A %s -m comment --comment "masquerade traffic for %s external destinations" -j %s`, n.ext, strings.Trim(n.comment, `"`), ChainMarkMasq),
+				fmt.Sprintf("-A %s -j %s", n.ext, n.svc))
+		}
+		out.Chains = append(out.Chains, Chain{NAT, n.ext, rules})
+	}
+	dropOrReject := "DROP"
+	if !any {
+		dropOrReject = "REJECT"
+	}
+	natOrFilter := func(match string, natTarget string) {
+		if extTarget != "" {
+			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, match, natTarget))
+		} else {
+			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j %s", ChainExternalServices, match, dropOrReject))
+		}
+	}
+	for _, ip := range r.addrs(sp.ExternalIPs) {
+		natOrFilter(fmt.Sprintf(`-m comment --comment "%s external IP" -d %s %s`, strings.Trim(n.comment, `"`), r.host(ip), pm), extTarget)
+	}
+	lbIPs := r.addrs(sp.LoadBalancerIPs)
+	var ranges []netip.Prefix
+	for _, p := range sp.LoadBalancerSourceRanges {
+		if model.FamilyOf(p.Addr()) == r.Family {
+			ranges = append(ranges, p)
+		}
+	}
+	// Source ranges only for this family; a Service whose ranges are all of
+	// the other family allows nothing of this family, like kube-proxy.
+	useFW := len(sp.LoadBalancerSourceRanges) > 0 && len(lbIPs) > 0
+	if useFW && extTarget != "" {
+		var rules []string
+		for _, p := range ranges {
+			rules = append(rules, fmt.Sprintf(`-A %s -m comment --comment "%s loadbalancer IP" -s %s -j %s`, n.fw, strings.Trim(n.comment, `"`), p, n.ext))
+		}
+		// Traffic from the node to its own LB IP is allowed, as in kube-proxy.
+		for _, ip := range lbIPs {
+			rules = append(rules, fmt.Sprintf(`-A %s -m comment --comment "%s loadbalancer IP" -s %s -j %s`, n.fw, strings.Trim(n.comment, `"`), r.host(ip), n.ext))
+		}
+		out.Chains = append(out.Chains, Chain{NAT, n.fw, rules})
+	}
+	for _, ip := range lbIPs {
+		match := fmt.Sprintf(`-m comment --comment "%s loadbalancer IP" -d %s %s`, strings.Trim(n.comment, `"`), r.host(ip), pm)
+		if useFW && extTarget != "" {
+			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, match, n.fw))
+			// Sources not allowed were not DNATed, so their destination is
+			// still the LB IP when the filter table sees them: drop there.
+			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j DROP", ChainFirewall, match))
+		} else {
+			natOrFilter(match, extTarget)
+		}
+	}
+	if sp.NodePort > 0 {
+		npm := fmt.Sprintf("-p %s -m %s --dport %d", proto, proto, sp.NodePort)
+		if extTarget != "" {
+			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s %s -j %s", ChainNodePorts, comment, npm, extTarget))
+		} else {
+			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -m addrtype --dst-type LOCAL %s -j %s", ChainExternalServices, comment, npm, dropOrReject))
+		}
+	}
+	if sp.HealthCheckNodePort > 0 {
+		out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf(`-A %s -m comment --comment "%s health check node port" -m tcp -p tcp --dport %d -j ACCEPT`, ChainNodePorts, strings.Trim(n.comment, `"`), sp.HealthCheckNodePort))
+	}
+	return out
+}
