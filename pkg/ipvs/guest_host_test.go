@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -20,6 +21,35 @@ var guestModules = []string{
 	"ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_lc", "ip_vs_sh", "ip_vs_mh",
 	"dummy", "veth",
 	"nf_tables", "nft_chain_nat", "nft_masq", "nft_ct", "nft_reject_inet",
+}
+
+// guestFeatures names each guest case as a row of the e2e matrix.
+var guestFeatures = map[string]string{
+	"ClusterIPTCP":                   "ClusterIP TCP reaches every endpoint; off-cluster client masqueraded",
+	"ClusterIPUDP":                   "ClusterIP UDP reaches every endpoint",
+	"RoundRobinExactlyEven":          "scheduler rr spreads exactly evenly",
+	"NoMasqueradeFromPods":           "masquerade: pod source kept (cluster-CIDR detector)",
+	"SchedulerSHSourceSticky":        "scheduler sh keeps a source on one endpoint",
+	"SchedulerMHSourceSticky":        "scheduler mh keeps a source on one endpoint",
+	"SessionAffinityPersistence":     "sessionAffinity ClientIP (IPVS persistence)",
+	"EndpointChangePropagates":       "endpoint change propagation (partial sync)",
+	"GracefulDrain":                  "graceful termination: weight 0, delete when connections end",
+	"NodePort":                       "NodePort on node addresses, masqueraded",
+	"ServiceAddressOnlyServicePorts": "service address rejects non-service ports",
+	"LoadBalancerSourceRanges":       "loadBalancerSourceRanges allow and drop",
+	"DriftRepair":                    "drift repair (virtual server, VIP, filter table deleted by hand)",
+	"RestartReconcileAndCleanup":     "restart reconcile and --cleanup leave others' virtual servers",
+	"StrictARPOnlyInNodeNamespace":   "strictARP sysctls only in the node namespace",
+}
+
+// matrixRow has the shape of test/e2e/framework.Result, so the e2e suite can
+// merge these rows into e2e-matrix.md by decoding the "matrix" array.
+type matrixRow struct {
+	Feature string `json:"feature"`
+	Mode    string `json:"mode"`
+	Status  string `json:"status"`
+	Reason  string `json:"reason,omitempty"`
+	Test    string `json:"test,omitempty"`
 }
 
 // guestCase is one line of e2e-results/ipvs-guest.json.
@@ -44,6 +74,7 @@ type guestReport struct {
 	InitramfsBytes int64       `json:"initramfs_bytes,omitempty"`
 	Skipped        string      `json:"skipped,omitempty"`
 	Cases          []guestCase `json:"cases"`
+	Matrix         []matrixRow `json:"matrix"`
 }
 
 // TestGuest runs TestKernel inside a qemu guest whose kernel has IPVS (this
@@ -84,6 +115,9 @@ func TestGuest(t *testing.T) {
 	})
 	if errors.Is(err, guest.ErrUnavailable) {
 		rep.Skipped = err.Error()
+		for _, name := range sortedFeatureNames() {
+			rep.Matrix = append(rep.Matrix, matrixRow{Feature: guestFeatures[name], Mode: "ipvs", Status: "skip", Reason: err.Error(), Test: "pkg/ipvs TestGuest/" + name})
+		}
 		t.Skipf("skipping: %v", err)
 	}
 	if res != nil {
@@ -121,6 +155,12 @@ func TestGuest(t *testing.T) {
 			c.Reason = strings.Join(r.Output, "; ")
 		}
 		rep.Cases = append(rep.Cases, c)
+		feature := guestFeatures[name]
+		if feature == "" {
+			feature = name
+		}
+		rep.Matrix = append(rep.Matrix, matrixRow{Feature: feature, Mode: "ipvs", Status: c.Result, Reason: c.Reason,
+			Test: "pkg/ipvs TestGuest/" + name + " (qemu guest, kernel " + res.KernelRelease + ")"})
 		t.Run(name, func(t *testing.T) {
 			switch r.Outcome {
 			case "FAIL":
@@ -135,6 +175,15 @@ func TestGuest(t *testing.T) {
 	if seen == 0 || res.ExitCode != 0 && !t.Failed() {
 		t.Fatalf("guest exit status %d with %d subtests reported:\n%s", res.ExitCode, seen, lastLines(res.Output, 60))
 	}
+}
+
+func sortedFeatureNames() []string {
+	var out []string
+	for n := range guestFeatures {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
 }
 
 func lastLines(s string, n int) string {
