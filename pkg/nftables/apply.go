@@ -2,11 +2,11 @@ package nftables
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 
 	gnft "github.com/google/nftables"
-	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	rs "github.com/miniproxy/miniproxy/pkg/nftables/ruleset"
@@ -17,35 +17,11 @@ import (
 // well under 64 KiB whatever the chain names' length.
 const elemChunk = 200
 
-// conn opens a connection for one batch of msgs messages and about size
-// bytes. The kernel acknowledges every message of a batch only after the
-// commit, all at once, so the receive buffer must hold them all or the acks
-// overflow (ENOBUFS) even though the commit succeeded; and the whole batch is
-// one sendmsg, so the send buffer must hold it. nft sizes its socket the same
-// way.
-func (b *Backend) conn(msgs, size int) (*gnft.Conn, error) {
+// conn opens a plain connection (listing, cleanup).
+func (b *Backend) conn() (*gnft.Conn, error) {
 	var opts []gnft.ConnOption
 	if b.netns != 0 {
 		opts = append(opts, gnft.WithNetNSFd(b.netns))
-	}
-	if msgs > 0 {
-		snd, rcv := size+(1<<20), msgs*1024+(1<<20)
-		opts = append(opts, gnft.WithSockOptions(func(c *netlink.Conn) error {
-			raw, err := c.SyscallConn()
-			if err != nil {
-				return fmt.Errorf("netlink raw conn: %w", err)
-			}
-			var serr error
-			if err := raw.Control(func(fd uintptr) {
-				serr = setBuf(int(fd), unix.SO_SNDBUFFORCE, unix.SO_SNDBUF, snd)
-				if serr == nil {
-					serr = setBuf(int(fd), unix.SO_RCVBUFFORCE, unix.SO_RCVBUF, rcv)
-				}
-			}); err != nil {
-				return fmt.Errorf("netlink socket control: %w", err)
-			}
-			return serr
-		}))
 	}
 	c, err := gnft.New(opts...)
 	if err != nil {
@@ -96,7 +72,10 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 	if msgs == 0 {
 		return 0, nil
 	}
-	c, err := b.conn(msgs, size)
+	// Acks are requested for the last message only (see batch.go), so
+	// the receive buffer needs little; the send buffer holds the batch.
+	bs := &batchSender{netns: b.netns, sndbuf: size + (1 << 20), rcvbuf: 1 << 20}
+	c, err := bs.conn()
 	if err != nil {
 		return 0, err
 	}
@@ -110,6 +89,12 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 	}
 	if err := c.Flush(); err != nil {
 		return msgs, fmt.Errorf("netlink batch of %d messages: %w", msgs, err)
+	}
+	if bs.err != nil {
+		return msgs, fmt.Errorf("netlink batch of %d messages: %w", msgs, bs.err)
+	}
+	if !bs.sent {
+		return msgs, errors.New("netlink batch was not sent")
 	}
 	return msgs, nil
 }

@@ -106,7 +106,7 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("nftables cleanup: %w", err)
 	}
-	c, err := b.conn(0, 0)
+	c, err := b.conn()
 	if err != nil {
 		return fmt.Errorf("nftables cleanup: %w", err)
 	}

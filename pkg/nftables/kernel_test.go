@@ -32,7 +32,7 @@ func richConfig() proxy.Config {
 }
 
 // newNSBackend creates a namespace and a backend bound to it.
-func newNSBackend(t *testing.T, cfg proxy.Config) (*netnstest.NS, *Backend) {
+func newNSBackend(t testing.TB, cfg proxy.Config) (*netnstest.NS, *Backend) {
 	t.Helper()
 	netnstest.RequireRoot(t, "nft")
 	ns := netnstest.New(t, "nft")
@@ -48,7 +48,7 @@ func newNSBackend(t *testing.T, cfg proxy.Config) (*netnstest.NS, *Backend) {
 	return ns, b
 }
 
-func mustSync(t *testing.T, b *Backend, snap *model.Snapshot, full bool) proxy.Result {
+func mustSync(t testing.TB, b *Backend, snap *model.Snapshot, full bool) proxy.Result {
 	t.Helper()
 	res, err := b.Sync(context.Background(), snap, full)
 	if err != nil {
@@ -277,7 +277,9 @@ func blocks(out string) map[string]string {
 		if s := strings.TrimSpace(l); strings.HasPrefix(l, "\t") && !strings.HasPrefix(l, "\t\t") && s != "}" && s != "" {
 			cur = s
 		}
-		m[cur] += l + "\n"
+		if strings.HasPrefix(l, "\t") {
+			m[cur] += l + "\n"
+		}
 	}
 	return m
 }

@@ -29,7 +29,7 @@ type observed struct {
 }
 
 func (b *Backend) observe(f model.Family) (*observed, error) {
-	c, err := b.conn(0, 0)
+	c, err := b.conn()
 	if err != nil {
 		return nil, err
 	}
