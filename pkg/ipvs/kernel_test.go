@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/test/guest/glab"
 )
 
 const vip = "10.96.0.10"
@@ -36,30 +37,30 @@ func TestKernel(t *testing.T) {
 		l := newLab(t, 3, Options{})
 		l.sync(snap(service("web", vip, model.TCP, 3)), true)
 		for i := 0; i < 30; i++ {
-			r, err := ask(l.client, "tcp", clientIP(0), vipPort)
+			r, err := glab.Ask(l.Client, "tcp", glab.ClientIP(0), vipPort)
 			if err != nil {
 				t.Fatalf("request %d: %v", i, err)
 			}
-			n := int(r.Pod[len("pod")] - '1')
-			if host, _, _ := net.SplitHostPort(r.Peer); host != podGW(n) {
-				t.Fatalf("%s saw peer %s; want the node's address %s (masquerade of an off-cluster client)", r.Pod, r.Peer, podGW(n))
+			n := glab.PodIndex(r.Pod)
+			if host := r.PeerHost(); host != glab.PodGW(n) {
+				t.Fatalf("%s saw peer %s; want the node's address %s (masquerade of an off-cluster client)", r.Pod, r.Peer, glab.PodGW(n))
 			}
 		}
-		if got := l.count("tcp", clientIP(0), vipPort, 30); len(got) != 3 {
+		if got := l.Count("tcp", glab.ClientIP(0), vipPort, 30); len(got) != 3 {
 			t.Fatalf("want all 3 endpoints reached, got %v", got)
 		}
 	})
 	t.Run("ClusterIPUDP", func(t *testing.T) {
 		l := newLab(t, 3, Options{})
 		l.sync(snap(service("dns", vip, model.UDP, 3)), true)
-		if got := l.count("udp", clientIP(0), vipPort, 30); len(got) != 3 {
+		if got := l.Count("udp", glab.ClientIP(0), vipPort, 30); len(got) != 3 {
 			t.Fatalf("want all 3 endpoints reached over UDP, got %v", got)
 		}
 	})
 	t.Run("RoundRobinExactlyEven", func(t *testing.T) {
 		l := newLab(t, 3, Options{Scheduler: "rr"})
 		l.sync(snap(service("web", vip, model.TCP, 3)), true)
-		got := l.count("tcp", clientIP(0), vipPort, 30)
+		got := l.Count("tcp", glab.ClientIP(0), vipPort, 30)
 		for i := 1; i <= 3; i++ {
 			if got[fmt.Sprintf("pod%d", i)] != 10 {
 				t.Fatalf("rr over 30 connections: want 10 each, got %v", got)
@@ -70,12 +71,12 @@ func TestKernel(t *testing.T) {
 		l := newLab(t, 3, Options{})
 		l.sync(snap(service("web", vip, model.TCP, 3)), true)
 		for i := 0; i < 6; i++ {
-			r, err := ask(l.inPod, "tcp", "", vipPort)
+			r, err := glab.Ask(l.InPod, "tcp", "", vipPort)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if host, _, _ := net.SplitHostPort(r.Peer); host != inPodIP {
-				t.Fatalf("%s saw %s; a pod-to-service connection must keep the pod's source %s", r.Pod, r.Peer, inPodIP)
+			if host := r.PeerHost(); host != glab.InPodIP {
+				t.Fatalf("%s saw %s; a pod-to-service connection must keep the pod's source %s", r.Pod, r.Peer, glab.InPodIP)
 			}
 		}
 	})
@@ -85,9 +86,9 @@ func TestKernel(t *testing.T) {
 			l.sync(snap(service("web", vip, model.TCP, 3)), true)
 			pods := map[string]bool{}
 			for c := 0; c < 8; c++ {
-				got := l.count("tcp", clientIP(c), vipPort, 6)
+				got := l.Count("tcp", glab.ClientIP(c), vipPort, 6)
 				if len(got) != 1 {
-					t.Fatalf("%s: source %s spread over %v; want one endpoint", sched, clientIP(c), got)
+					t.Fatalf("%s: source %s spread over %v; want one endpoint", sched, glab.ClientIP(c), got)
 				}
 				for p := range got {
 					pods[p] = true
@@ -110,9 +111,9 @@ func TestKernel(t *testing.T) {
 		}
 		pods := map[string]bool{}
 		for c := 0; c < 4; c++ {
-			got := l.count("tcp", clientIP(c), vipPort, 8)
+			got := l.Count("tcp", glab.ClientIP(c), vipPort, 8)
 			if len(got) != 1 {
-				t.Fatalf("client %s not sticky: %v", clientIP(c), got)
+				t.Fatalf("client %s not sticky: %v", glab.ClientIP(c), got)
 			}
 			for p := range got {
 				pods[p] = true
@@ -125,20 +126,20 @@ func TestKernel(t *testing.T) {
 	t.Run("EndpointChangePropagates", func(t *testing.T) {
 		l := newLab(t, 3, Options{})
 		l.sync(snap(service("web", vip, model.TCP, 2)), true)
-		if got := l.count("tcp", clientIP(0), vipPort, 20); got["pod1"] != 10 || got["pod2"] != 10 {
+		if got := l.Count("tcp", glab.ClientIP(0), vipPort, 20); got["pod1"] != 10 || got["pod2"] != 10 {
 			t.Fatalf("2 endpoints: %v", got)
 		}
 		l.sync(snap(service("web", vip, model.TCP, 3)), false)
-		if got := l.count("tcp", clientIP(0), vipPort, 30); got["pod1"] != 10 || got["pod2"] != 10 || got["pod3"] != 10 {
+		if got := l.Count("tcp", glab.ClientIP(0), vipPort, 30); got["pod1"] != 10 || got["pod2"] != 10 || got["pod3"] != 10 {
 			t.Fatalf("after scale-up (partial sync): %v", got)
 		}
 		l.sync(snap(service("web", vip, model.TCP, 3, func(sp *model.ServicePort) { sp.Endpoints = sp.Endpoints[1:] })), false)
-		if got := l.count("tcp", clientIP(0), vipPort, 20); got["pod1"] != 0 || got["pod2"] != 10 || got["pod3"] != 10 {
+		if got := l.Count("tcp", glab.ClientIP(0), vipPort, 20); got["pod1"] != 0 || got["pod2"] != 10 || got["pod3"] != 10 {
 			t.Fatalf("after removing pod1 (partial sync): %v", got)
 		}
 		// pod1's closed connections linger in TIME_WAIT, so it drains at
 		// weight 0 rather than disappearing (GracefulDrain covers removal).
-		if d := l.realServers(t, vip, model.TCP, 80); d[netip.AddrPortFrom(netip.MustParseAddr(podIP(0)), podPort)] != 0 || len(d) < 2 {
+		if d := l.realServers(t, vip, model.TCP, 80); d[netip.AddrPortFrom(netip.MustParseAddr(glab.PodIP(0)), glab.PodPort)] != 0 || len(d) < 2 {
 			t.Fatalf("removed endpoint must be gone or at weight 0, real servers: %v", d)
 		}
 	})
@@ -146,7 +147,7 @@ func TestKernel(t *testing.T) {
 		l := newLab(t, 3, Options{})
 		l.sync(snap(service("web", vip, model.TCP, 3)), true)
 		var held net.Conn
-		must(t, in(l.client, func() error {
+		glab.Must(t, glab.In(l.Client, func() error {
 			var err error
 			held, err = net.DialTimeout("tcp", vipPort, 2*time.Second)
 			return err
@@ -165,16 +166,16 @@ func TestKernel(t *testing.T) {
 			return strings.Fields(line)[0]
 		}
 		victim := talk()
-		idx := int(victim[len("pod")] - '1')
+		idx := glab.PodIndex(victim)
 		without := service("web", vip, model.TCP, 3, func(sp *model.ServicePort) {
 			sp.Endpoints = append(sp.Endpoints[:idx:idx], sp.Endpoints[idx+1:]...)
 		})
 		l.sync(snap(without), false)
-		gone := netip.AddrPortFrom(netip.MustParseAddr(podIP(idx)), podPort)
+		gone := netip.AddrPortFrom(netip.MustParseAddr(glab.PodIP(idx)), glab.PodPort)
 		if w, ok := l.realServers(t, vip, model.TCP, 80)[gone]; !ok || w != 0 {
 			t.Fatalf("%s with an open connection must stay at weight 0, real servers: %v", gone, l.realServers(t, vip, model.TCP, 80))
 		}
-		if got := l.count("tcp", clientIP(0), vipPort, 20); got[victim] != 0 || len(got) != 2 {
+		if got := l.Count("tcp", glab.ClientIP(0), vipPort, 20); got[victim] != 0 || len(got) != 2 {
 			t.Fatalf("new connections reached the draining %s: %v", victim, got)
 		}
 		if again := talk(); again != victim {
@@ -205,27 +206,26 @@ func TestKernel(t *testing.T) {
 		l := newLab(t, 3, Options{})
 		l.sync(snap(service("web", vip, model.TCP, 3, func(sp *model.ServicePort) { sp.NodePort = 30080 })), true)
 		for i := 0; i < 30; i++ {
-			r, err := ask(l.client, "tcp", clientIP(1), nodeIP+":30080")
+			r, err := glab.Ask(l.Client, "tcp", glab.ClientIP(1), glab.NodeIP+":30080")
 			if err != nil {
 				t.Fatalf("nodeport request %d: %v", i, err)
 			}
-			n := int(r.Pod[len("pod")] - '1')
-			if host, _, _ := net.SplitHostPort(r.Peer); host != podGW(n) {
+			if host := r.PeerHost(); host != glab.PodGW(glab.PodIndex(r.Pod)) {
 				t.Fatalf("NodePort (Cluster policy) must masquerade: %s saw %s", r.Pod, r.Peer)
 			}
 		}
-		if got := l.count("tcp", clientIP(1), nodeIP+":30080", 30); len(got) != 3 {
+		if got := l.Count("tcp", glab.ClientIP(1), glab.NodeIP+":30080", 30); len(got) != 3 {
 			t.Fatalf("nodeport reached %v", got)
 		}
 	})
 	t.Run("ServiceAddressOnlyServicePorts", func(t *testing.T) {
 		l := newLab(t, 3, Options{})
-		l.serve(l.node, "node", 81) // a node-local socket on every address
+		l.Serve(l.Node, "node", 81) // a node-local socket on every address
 		l.sync(snap(service("web", vip, model.TCP, 3)), true)
-		if r, err := ask(l.client, "tcp", clientIP(0), nodeIP+":81"); err != nil || r.Pod != "node" {
+		if r, err := glab.Ask(l.Client, "tcp", glab.ClientIP(0), glab.NodeIP+":81"); err != nil || r.Pod != "node" {
 			t.Fatalf("node's own port 81 must stay reachable on its own address: %v %v", r, err)
 		}
-		_, err := ask(l.client, "tcp", clientIP(0), vip+":81")
+		_, err := glab.Ask(l.Client, "tcp", glab.ClientIP(0), vip+":81")
 		if err == nil || !strings.Contains(err.Error(), "refused") {
 			t.Fatalf("a non-service port on a service address must be rejected, got %v", err)
 		}
@@ -235,15 +235,15 @@ func TestKernel(t *testing.T) {
 		lb := "198.51.100.9"
 		l.sync(snap(service("web", vip, model.TCP, 3, func(sp *model.ServicePort) {
 			sp.LoadBalancerIPs = []netip.Addr{netip.MustParseAddr(lb)}
-			sp.LoadBalancerSourceRanges = []netip.Prefix{netip.MustParsePrefix(clientIP(0) + "/32")}
+			sp.LoadBalancerSourceRanges = []netip.Prefix{netip.MustParsePrefix(glab.ClientIP(0) + "/32")}
 		})), true)
-		if got := l.count("tcp", clientIP(0), lb+":80", 6); len(got) == 0 {
+		if got := l.Count("tcp", glab.ClientIP(0), lb+":80", 6); len(got) == 0 {
 			t.Fatalf("allowed source got nothing")
 		}
-		if _, err := ask(l.client, "tcp", clientIP(1), lb+":80"); err == nil {
-			t.Fatalf("source %s outside loadBalancerSourceRanges reached the load balancer", clientIP(1))
+		if _, err := glab.Ask(l.Client, "tcp", glab.ClientIP(1), lb+":80"); err == nil {
+			t.Fatalf("source %s outside loadBalancerSourceRanges reached the load balancer", glab.ClientIP(1))
 		}
-		if _, err := ask(l.client, "tcp", clientIP(1), vipPort); err != nil {
+		if _, err := glab.Ask(l.Client, "tcp", glab.ClientIP(1), vipPort); err != nil {
 			t.Fatalf("source ranges must not apply to the cluster IP: %v", err)
 		}
 	})
@@ -253,21 +253,21 @@ func TestKernel(t *testing.T) {
 		s := snap(service("web", vip, model.TCP, 3))
 		l.sync(s, true)
 		h := l.ipvsHandle(t)
-		must(t, h.DelService(ipvsService(Key{netip.MustParseAddr(vip), model.TCP, 80}, nil)), "delete virtual server by hand")
-		nh, err := netlink.NewHandleAt(l.node, unix.NETLINK_ROUTE)
-		must(t, err, "netlink")
+		glab.Must(t, h.DelService(ipvsService(Key{netip.MustParseAddr(vip), model.TCP, 80}, nil)), "delete virtual server by hand")
+		nh, err := netlink.NewHandleAt(l.Node, unix.NETLINK_ROUTE)
+		glab.Must(t, err, "netlink")
 		defer nh.Close()
 		link, err := nh.LinkByName(DefaultInterface)
-		must(t, err, "kube-ipvs0")
-		must(t, nh.AddrDel(link, hostAddr(netip.MustParseAddr(vip))), "unbind VIP by hand")
+		glab.Must(t, err, "kube-ipvs0")
+		glab.Must(t, nh.AddrDel(link, hostAddr(netip.MustParseAddr(vip))), "unbind VIP by hand")
 		c := l.nftConn(t)
 		c.DelTable(&nftables.Table{Name: TableName, Family: nftables.TableFamilyINet})
-		must(t, c.Flush(), "delete table by hand")
+		glab.Must(t, c.Flush(), "delete table by hand")
 		l.sync(s, true)
-		if got := l.count("tcp", clientIP(0), vipPort, 30); len(got) != 3 {
+		if got := l.Count("tcp", glab.ClientIP(0), vipPort, 30); len(got) != 3 {
 			t.Fatalf("after full sync, want all 3 endpoints, got %v", got)
 		}
-		if r, err := ask(l.client, "tcp", clientIP(0), vip+":81"); err == nil {
+		if r, err := glab.Ask(l.Client, "tcp", glab.ClientIP(0), vip+":81"); err == nil {
 			t.Fatalf("filter table not restored: port 81 answered %v", r)
 		}
 		if !h.IsServicePresent(foreign) {
@@ -281,15 +281,15 @@ func TestKernel(t *testing.T) {
 		// A new process (fresh backend) whose snapshot no longer has the
 		// service must remove its virtual servers, including the NodePort
 		// ones on node addresses it knows only from the nftables record.
-		be2, err := New(l.cfg, Options{NetNSPath: nsPath(l.node)})
-		must(t, err, "second backend")
+		be2, err := New(l.cfg, Options{NetNSPath: glab.NSPath(l.Node)})
+		glab.Must(t, err, "second backend")
 		defer be2.Close()
 		if _, err := be2.Sync(context.Background(), snap(service("other", "10.96.0.20", model.TCP, 1)), true); err != nil {
 			t.Fatal(err)
 		}
 		h := l.ipvsHandle(t)
 		svcs, err := h.GetServices()
-		must(t, err, "list")
+		glab.Must(t, err, "list")
 		var keys []string
 		for _, s := range svcs {
 			k, _ := keyOf(s)
@@ -298,12 +298,12 @@ func TestKernel(t *testing.T) {
 		if strings.Join(keys, " ") != "10.96.0.20:80/TCP 192.168.50.1:9999/TCP" && strings.Join(keys, " ") != "192.168.50.1:9999/TCP 10.96.0.20:80/TCP" {
 			t.Fatalf("after restart reconcile, virtual servers: %v", keys)
 		}
-		must(t, be2.Cleanup(context.Background()), "cleanup")
+		glab.Must(t, be2.Cleanup(context.Background()), "cleanup")
 		svcs, _ = h.GetServices()
 		if len(svcs) != 1 || !h.IsServicePresent(foreign) {
 			t.Fatalf("cleanup must leave exactly the foreign virtual server, left %d", len(svcs))
 		}
-		nh, _ := netlink.NewHandleAt(l.node, unix.NETLINK_ROUTE)
+		nh, _ := netlink.NewHandleAt(l.Node, unix.NETLINK_ROUTE)
 		defer nh.Close()
 		if _, err := nh.LinkByName(DefaultInterface); err == nil {
 			t.Fatalf("cleanup left %s", DefaultInterface)
@@ -320,7 +320,7 @@ func TestKernel(t *testing.T) {
 		l := newLab(t, 1, Options{StrictARP: true})
 		l.sync(snap(service("web", vip, model.TCP, 1)), true)
 		var ign, ann []byte
-		must(t, in(l.node, func() error {
+		glab.Must(t, glab.In(l.Node, func() error {
 			var err error
 			if ign, err = os.ReadFile("/proc/sys/net/ipv4/conf/all/arp_ignore"); err != nil {
 				return err
@@ -339,24 +339,24 @@ func TestKernel(t *testing.T) {
 }
 
 func (l *lab) ipvsHandle(t *testing.T) *mobyipvs.Handle {
-	h, err := mobyipvs.New(nsPath(l.node))
-	must(t, err, "ipvs handle")
+	h, err := mobyipvs.New(glab.NSPath(l.Node))
+	glab.Must(t, err, "ipvs handle")
 	t.Cleanup(h.Close)
 	return h
 }
 
 func (l *lab) nftConn(t *testing.T) *nftables.Conn {
-	c, err := nftables.New(nftables.WithNetNSFd(int(l.node)))
-	must(t, err, "nftables")
+	c, err := nftables.New(nftables.WithNetNSFd(int(l.Node)))
+	glab.Must(t, err, "nftables")
 	return c
 }
 
 // addForeign creates a virtual server miniproxy does not own, on the node's
 // address (as keepalived might), which no sync or cleanup may remove.
 func (l *lab) addForeign(t *testing.T) *mobyipvs.Service {
-	s := &mobyipvs.Service{Address: net.ParseIP(nodeIP).To4(), Protocol: unix.IPPROTO_TCP, Port: 9999,
+	s := &mobyipvs.Service{Address: net.ParseIP(glab.NodeIP).To4(), Protocol: unix.IPPROTO_TCP, Port: 9999,
 		AddressFamily: unix.AF_INET, SchedName: "rr", Netmask: 0xffffffff}
-	must(t, l.ipvsHandle(t).NewService(s), "foreign virtual server")
+	glab.Must(t, l.ipvsHandle(t).NewService(s), "foreign virtual server")
 	return s
 }
 
@@ -364,7 +364,7 @@ func (l *lab) addForeign(t *testing.T) *mobyipvs.Service {
 func (l *lab) realServers(t *testing.T, ip string, p model.Protocol, port uint16) map[netip.AddrPort]int {
 	t.Helper()
 	ds, err := l.be.ipvs.GetDestinations(ipvsService(Key{netip.MustParseAddr(ip), p, port}, nil))
-	must(t, err, "list real servers")
+	glab.Must(t, err, "list real servers")
 	out := map[netip.AddrPort]int{}
 	for _, d := range ds {
 		a, _ := netip.AddrFromSlice(d.Address)

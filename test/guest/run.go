@@ -49,7 +49,20 @@ type Options struct {
 	CacheDir string
 	// Console, when set, receives the raw console output as it arrives.
 	Console io.Writer
+	// Network gives the guest a virtio NIC on qemu user networking, set up
+	// as eth0 10.0.2.15/24 with default route 10.0.2.2, which qemu maps to
+	// the loopback of the namespace qemu runs in (see Prefix).
+	Network bool
+	// Prefix is prepended to the qemu command line, e.g. {"ip", "netns",
+	// "exec", NAME} so 10.0.2.2 reaches services in that namespace.
+	Prefix []string
+	// Files are extra files for the guest: guest path -> host path.
+	Files map[string]string
 }
+
+// GuestHostIP is the address at which a networked guest reaches the loopback
+// of the namespace qemu runs in.
+const GuestHostIP = "10.0.2.2"
 
 // Result is what came back from the guest.
 type Result struct {
@@ -99,7 +112,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: kernel package: %v", ErrUnavailable, err)
 	}
-	mods, err := k.ModuleOrder(opts.Modules...)
+	modNames := opts.Modules
+	if opts.Network {
+		modNames = append(append([]string(nil), modNames...), "virtio_pci", "virtio_net")
+	}
+	mods, err := k.ModuleOrder(modNames...)
 	if err != nil {
 		return nil, fmt.Errorf("module order: %w", err)
 	}
@@ -119,6 +136,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	rd.AddData("modules.order", []byte(strings.Join(mods, "\n")+"\n"), 0o644)
 	rd.AddFile("guest.test", opts.Binary, 0o755)
+	for g, h := range opts.Files {
+		rd.AddFile(g, h, 0o644)
+	}
 	rd.AddData("init", []byte(initScript(opts)), 0o755)
 	initrd := filepath.Join(work, "initrd.gz")
 	if err := rd.WriteFile(initrd); err != nil {
@@ -130,12 +150,18 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	defer cancel()
 	// TCG explicitly: /dev/kvm may exist but hang on nested setups. One CPU:
 	// multi-threaded TCG on two host cores is slower, not faster.
-	cmd := exec.CommandContext(ctx, qemu,
+	args := []string{qemu,
 		"-accel", "tcg", "-smp", "1", "-m", strconv.Itoa(opts.MemoryMB),
 		"-nodefaults", "-display", "none", "-no-reboot",
 		"-serial", "stdio", "-monitor", "none",
 		"-kernel", k.Image(), "-initrd", initrd,
-		"-append", "console=ttyS0 quiet panic=-1 rdinit=/init")
+		"-append", "console=ttyS0 quiet panic=-1 rdinit=/init"}
+	if opts.Network {
+		// romfile= : no PXE option ROM needed (or installed) for -kernel boots.
+		args = append(args, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=")
+	}
+	args = append(append([]string(nil), opts.Prefix...), args...)
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 	cmd.Stdin = nil
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -213,6 +239,9 @@ func initScript(opts Options) string {
 	fmt.Fprintf(&b, "echo \"%s $(cut -d' ' -f1 /proc/uptime)\"\n", markerUp)
 	fmt.Fprintf(&b, "for m in $(cat /modules.order); do insmod /lib/modules/$m || echo \"%s-FAIL $m\"; done\n", markerMods)
 	fmt.Fprintf(&b, "echo \"%s-LOADED $(cut -d' ' -f1 /proc/uptime)\"\n", markerMods)
+	if opts.Network {
+		b.WriteString("ip link set lo up\nip link set eth0 up\nip addr add 10.0.2.15/24 dev eth0\nip route add default via " + GuestHostIP + "\n")
+	}
 	b.WriteString("cd /tmp\n")
 	for _, e := range opts.Env {
 		fmt.Fprintf(&b, "export %s\n", shellQuote(e))
