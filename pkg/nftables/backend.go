@@ -30,6 +30,8 @@ type Backend struct {
 	// committed is what the last successful batch made the kernel hold.
 	// Nil means unknown (first sync): the next sync replaces the tables.
 	committed *rs.Ruleset
+	// fps caches rule fingerprints of rendered chains for full syncs.
+	fps fpCache
 }
 
 var _ proxy.Backend = (*Backend)(nil)
@@ -46,7 +48,7 @@ func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("nftables backend: %w", err)
 	}
-	b := &Backend{cfg: cfg}
+	b := &Backend{cfg: cfg, fps: fpCache{}}
 	for _, o := range opts {
 		o(b)
 	}
@@ -80,7 +82,7 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 			if err != nil {
 				return proxy.Result{Full: full}, fmt.Errorf("nftables full sync: reading %s table: %w", famName(t.Family), err)
 			}
-			p = reconcilePlan(b.committed.Table(t.Family), t, obs)
+			p = reconcilePlan(b.committed.Table(t.Family), t, obs, b.fps)
 		default:
 			p = incrementalPlan(b.committed.Table(t.Family), t)
 		}
@@ -96,6 +98,9 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		return res, fmt.Errorf("nftables sync: %w", err)
 	}
 	b.committed = desired
+	if full {
+		b.fps.prune(desired.Tables)
+	}
 	return res, nil
 }
 

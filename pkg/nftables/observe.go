@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	gnft "github.com/google/nftables"
@@ -214,7 +215,7 @@ func fingerprint(f model.Family, r rs.Rule) (string, error) {
 
 // reconcilePlan compares the desired table with what the kernel holds and
 // returns the repairs, which include the changes since the last commit.
-func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
+func reconcilePlan(committed, desired *rs.Table, obs *observed, fps fpCache) *plan {
 	if !obs.exists {
 		return replacePlan(desired)
 	}
@@ -238,7 +239,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 			p.writeChains = append(p.writeChains, c)
 			continue
 		}
-		if !sameFingerprints(desired.Family, c.Rules, have) {
+		if !slices.Equal(fps.get(desired.Family, c), have) {
 			p.flushChains = append(p.flushChains, c.Name)
 			p.writeChains = append(p.writeChains, c)
 		}
@@ -299,17 +300,40 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 	return p
 }
 
-func sameFingerprints(f model.Family, rules []rs.Rule, have []string) bool {
-	if len(rules) != len(have) {
-		return false
+// fpCache keeps the fingerprints of rendered chains. Chains are immutable
+// and shared between syncs while their service is unchanged, so the pointer
+// is a valid key and a periodic full sync re-encodes only what changed.
+type fpCache map[*rs.Chain][]string
+
+func (fc fpCache) get(f model.Family, c *rs.Chain) []string {
+	if fp, ok := fc[c]; ok {
+		return fp
 	}
-	for i, r := range rules {
-		fp, err := fingerprint(f, r)
-		if err != nil || fp != have[i] {
-			return false
+	fp := make([]string, 0, len(c.Rules))
+	for _, r := range c.Rules {
+		s, err := fingerprint(f, r)
+		if err != nil {
+			s = "error: " + err.Error() // never equal to a kernel fingerprint
+		}
+		fp = append(fp, s)
+	}
+	fc[c] = fp
+	return fp
+}
+
+// prune drops entries for chains no longer in any of tables.
+func (fc fpCache) prune(tables []*rs.Table) {
+	live := map[*rs.Chain]bool{}
+	for _, t := range tables {
+		for _, c := range t.AllChains() {
+			live[c] = true
 		}
 	}
-	return true
+	for c := range fc {
+		if !live[c] {
+			delete(fc, c)
+		}
+	}
 }
 
 var errBadKey = errors.New("unexpected element key layout")
