@@ -155,11 +155,25 @@ func udpSP(vip string, eps ...model.Endpoint) *model.ServicePort {
 // DNATed to goes away. Without cleanup the client keeps talking to the dead
 // endpoint; after Clean its next datagram reaches the survivor.
 func TestKernelGoneEndpoint(t *testing.T) {
+	t.Run("ClusterIP", func(t *testing.T) { goneEndpoint(t, "172.30.0.10:53", false) })
+	// The client reaches the NodePort on the node's address it uses as
+	// gateway; the flow's original destination is that address, which
+	// Stale does not know: the NodePort frontend matches any address.
+	t.Run("NodePort", func(t *testing.T) { goneEndpoint(t, "10.180.0.1:30053", true) })
+}
+
+func goneEndpoint(t *testing.T, vip string, nodePort bool) {
 	l := newLab(t, "10.180.0.5", "10.180.0.6")
-	const vip = "172.30.0.10:53"
 	ips := map[string]string{"poda": "10.180.0.5", "podb": "10.180.0.6"}
 	eps := map[string]model.Endpoint{"poda": mt.Ep("10.180.0.5", 8080, "node-a"), "podb": mt.Ep("10.180.0.6", 8080, "node-a")}
-	s1 := mt.Snap(udpSP("172.30.0.10", eps["poda"], eps["podb"]))
+	svc := func(eps ...model.Endpoint) *model.ServicePort {
+		sp := udpSP("172.30.0.10", eps...)
+		if nodePort {
+			sp.NodePort = 30053
+		}
+		return sp
+	}
+	s1 := mt.Snap(svc(eps["poda"], eps["podb"]))
 	l.sync(t, s1)
 
 	first, err := l.ask(vip, 2*time.Second)
@@ -181,7 +195,7 @@ func TestKernelGoneEndpoint(t *testing.T) {
 
 	// Really kill the endpoint: its address disappears, so nothing answers.
 	l.pods[dead].MustRun(t, "ip", "addr", "del", ips[dead]+"/32", "dev", "eth0")
-	s2 := mt.Snap(udpSP("172.30.0.10", eps[alive]))
+	s2 := mt.Snap(svc(eps[alive]))
 	l.sync(t, s2)
 
 	l.silent(t, vip, "after the endpoint was removed from the rules, without cleanup")
