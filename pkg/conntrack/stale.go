@@ -176,7 +176,7 @@ func Stale(prev, cur *model.Snapshot) Work {
 		}
 		for _, ep := range before {
 			if !now[ep.AddrPort()] {
-				w.Gone = append(w.Gone, GoneEndpoint{Service: name, Protocol: p.Protocol, Endpoint: ep.AddrPort(), Frontends: fes})
+				w.Gone = append(w.Gone, GoneEndpoint{Service: name, Protocol: p.Protocol, Endpoint: ep.AddrPort(), Frontends: slices.Clone(fes)})
 			}
 		}
 	}
