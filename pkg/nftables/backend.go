@@ -32,6 +32,13 @@ type Backend struct {
 	committed *rs.Ruleset
 	// fps caches rule fingerprints of rendered chains for full syncs.
 	fps fpCache
+	// clean means the kernel held exactly committed at ruleset generation
+	// gen (ours was the last commit in the namespace). A full sync that
+	// finds the same generation has nothing to reconcile and skips listing
+	// the table, which costs seconds at 10k Services (the kernel's rule dump
+	// grows faster than linearly).
+	clean bool
+	gen   uint32
 }
 
 var _ proxy.Backend = (*Backend)(nil)
@@ -68,16 +75,22 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		return proxy.Result{}, fmt.Errorf("nftables sync: %w", err)
 	}
 	desired := rs.Render(snap, &b.cfg, b.committed)
+	g0, gerr := b.genID()
+	// Full syncs need a look at the kernel unless nothing was committed
+	// by anyone since our last commit.
+	skipObserve := b.clean && gerr == nil && g0 == b.gen
+	wasClean := skipObserve
 
 	var plans []*plan
 	changed := 0
+	replaced := b.committed == nil
 	for _, t := range desired.Tables {
 		var p *plan
 		switch {
 		case b.committed == nil || b.committed.Table(t.Family) == nil:
 			p = replacePlan(t)
 			changed = len(t.Services)
-		case full:
+		case full && !skipObserve:
 			obs, err := b.observe(t.Family)
 			if err != nil {
 				return proxy.Result{Full: full}, fmt.Errorf("nftables full sync: reading %s table: %w", famName(t.Family), err)
@@ -95,12 +108,22 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	res := proxy.Result{Full: full || b.committed == nil, Changed: changed, Rules: msgs}
 	if err != nil {
 		// The batch is atomic: the kernel still holds b.committed.
+		b.clean = false
 		return res, fmt.Errorf("nftables sync: %w", err)
 	}
 	b.committed = desired
 	if full {
 		b.fps.prune(desired.Tables)
 	}
+	// Clean if the kernel matched before (known, or just reconciled or
+	// replaced) and our batch is the only commit since g0.
+	g1, err := b.genID()
+	expect := g0
+	if msgs > 0 {
+		expect = g0 + 1
+	}
+	b.clean = gerr == nil && err == nil && g1 == expect && (wasClean || full || replaced)
+	b.gen = g1
 	return res, nil
 }
 
@@ -125,7 +148,7 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("nftables cleanup: deleting tables: %w", err)
 	}
-	b.committed = nil
+	b.committed, b.clean = nil, false
 	return nil
 }
 
