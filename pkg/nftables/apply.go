@@ -4,11 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sort"
+	"sync"
 
 	gnft "github.com/google/nftables"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/miniproxy/miniproxy/pkg/model"
 	rs "github.com/miniproxy/miniproxy/pkg/nftables/ruleset"
 )
 
@@ -72,31 +76,80 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 	if msgs == 0 {
 		return 0, nil
 	}
-	// Acks are requested for the last message only (see batch.go), so
-	// the receive buffer needs little; the send buffer holds the batch.
-	bs := &batchSender{netns: b.netns, sndbuf: size + (1 << 20), rcvbuf: 1 << 20}
-	c, err := bs.conn()
+	// Order: every table's objects, then all rules, then every table's
+	// elements and deletions (see emitHead/emitTail).
+	head, err := newCapture()
 	if err != nil {
 		return 0, err
 	}
+	tail, err := newCapture()
+	if err != nil {
+		return 0, err
+	}
+	type job struct {
+		family model.Family
+		chain  *rs.Chain
+	}
+	var jobs []job
 	for _, p := range plans {
-		if err := p.emit(c); err != nil {
+		if err := p.emitHead(head.conn); err != nil {
 			return 0, fmt.Errorf("building %s batch: %w", famName(p.family), err)
 		}
+		if err := p.emitTail(tail.conn); err != nil {
+			return 0, fmt.Errorf("building %s batch: %w", famName(p.family), err)
+		}
+		for _, c := range p.writeChains {
+			jobs = append(jobs, job{p.family, c})
+		}
 	}
+	workers := min(runtime.GOMAXPROCS(0), max(1, len(jobs)/2000))
+	parts := make([][]netlink.Message, workers)
+	errs := make([]error, workers)
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := newCapture()
+			if err != nil {
+				errs[w] = err
+				return
+			}
+			for i := w; i < len(jobs); i += workers {
+				if err := emitRules(c.conn, jobs[i].family, jobs[i].chain); err != nil {
+					errs[w] = err
+					return
+				}
+			}
+			parts[w], errs[w] = c.messages()
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return 0, fmt.Errorf("building batch: %w", err)
+	}
+	body, err := head.messages()
+	if err != nil {
+		return 0, err
+	}
+	for _, p := range parts {
+		body = append(body, p...)
+	}
+	t, err := tail.messages()
+	if err != nil {
+		return 0, err
+	}
+	body = append(body, t...)
 	if err := ctx.Err(); err != nil {
 		return 0, fmt.Errorf("%w: %w", errCanceled, err)
 	}
-	if err := c.Flush(); err != nil {
-		return msgs, fmt.Errorf("netlink batch of %d messages: %w", msgs, err)
+	// Acks are requested for the last message only (see batch.go), so
+	// the receive buffer needs little; the send buffer holds the batch.
+	bs := &batchSender{netns: b.netns, sndbuf: size + (1 << 20), rcvbuf: 1 << 20}
+	if err := bs.send(body); err != nil {
+		return len(body), fmt.Errorf("netlink batch of %d messages: %w", len(body), err)
 	}
-	if bs.err != nil {
-		return msgs, fmt.Errorf("netlink batch of %d messages: %w", msgs, bs.err)
-	}
-	if !bs.sent {
-		return msgs, errors.New("netlink batch was not sent")
-	}
-	return msgs, nil
+	return len(body), nil
 }
 
 func sortedKeys(m map[string][]rs.Element) []string {
@@ -134,9 +187,10 @@ func chainSpec(t *gnft.Table, c *rs.Chain) *gnft.Chain {
 	return g
 }
 
-// emit queues the plan's messages on c in dependency order.
-func (p *plan) emit(c *gnft.Conn) error {
-	t := &gnft.Table{Name: rs.TableName, Family: tableFamily(p.family)}
+// emitHead queues the table, new sets, new chains and flushes of chains to
+// be rewritten: everything rules may refer to.
+func (p *plan) emitHead(c *gnft.Conn) error {
+	t := p.table()
 	if p.replace {
 		// add+delete+add: atomically replaces a leftover table (e.g.
 		// from a previous run) and works when there is none.
@@ -155,16 +209,32 @@ func (p *plan) emit(c *gnft.Conn) error {
 	for _, name := range p.flushChains {
 		c.FlushChain(&gnft.Chain{Name: name, Table: t})
 	}
-	for _, ch := range p.writeChains {
-		gc := &gnft.Chain{Name: ch.Name, Table: t}
-		for _, r := range ch.Rules {
-			ex, err := ruleExprs(p.family, r)
-			if err != nil {
-				return fmt.Errorf("chain %s: %w", ch.Name, err)
-			}
-			c.AddRule(&gnft.Rule{Table: t, Chain: gc, Exprs: ex})
+	return nil
+}
+
+func (p *plan) table() *gnft.Table {
+	return &gnft.Table{Name: rs.TableName, Family: tableFamily(p.family)}
+}
+
+// emitRules queues the rules of one chain.
+func emitRules(c *gnft.Conn, f model.Family, ch *rs.Chain) error {
+	t := &gnft.Table{Name: rs.TableName, Family: tableFamily(f)}
+	gc := &gnft.Chain{Name: ch.Name, Table: t}
+	for _, r := range ch.Rules {
+		ex, err := ruleExprs(f, r)
+		if err != nil {
+			return fmt.Errorf("chain %s: %w", ch.Name, err)
 		}
+		c.AddRule(&gnft.Rule{Table: t, Chain: gc, Exprs: ex})
 	}
+	return nil
+}
+
+// emitTail queues element changes, then deletions of stale chains and sets,
+// which come last because rules and elements that referred to them must be
+// gone first.
+func (p *plan) emitTail(c *gnft.Conn) error {
+	t := p.table()
 	elems := func(m map[string][]rs.Element, del bool) error {
 		for _, name := range sortedKeys(m) {
 			s, ok := p.sets[name]

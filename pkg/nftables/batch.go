@@ -15,52 +15,77 @@ import (
 )
 
 // Why a custom transport: google/nftables asks the kernel to acknowledge every
-// message of a batch and then reads the acks one recvmsg at a time. At 10k
-// Services a cold start is ~150k messages, and those acks cost more than the
-// kernel's work on the ruleset itself. So the library still builds and
-// encodes every message (Conn.AddRule, SetAddElements, …, Conn.Flush), but
-// its socket is a capture (nltest.Dial): the captured batch is sent here on a
-// real socket with the ack flag only on the last message. The kernel still
+// message of a batch (and to echo every new rule) and then reads the answers
+// one recvmsg at a time. At 10k Services a cold start is ~150k messages, and
+// those answers cost more than the kernel's work on the ruleset itself. So
+// the library still builds and encodes every message (Conn.AddRule,
+// SetAddElements, …, Conn.Flush), but its socket is a capture (nltest.Dial);
+// the captured messages are sent here as one batch on a real socket with the
+// ack flag only on the last message. Encoding rules is the costliest part of
+// a cold start on the Go side, so it is split over several captures in
+// parallel (rule order matters only within a chain). The kernel still
 // reports every failing message (errors are always sent), and the ack of the
 // last message arrives only after the whole batch was committed or aborted,
 // so the all-or-nothing semantics are unchanged.
 
-// batchSender is one Flush's worth of state.
-type batchSender struct {
-	netns          int
-	sndbuf, rcvbuf int
-	err            error
-	sent           bool
+// capture is a google/nftables connection whose Flush hands the encoded
+// messages to us instead of the kernel.
+type capture struct {
+	conn *gnft.Conn
+	msgs []netlink.Message
 }
 
-// conn returns a google/nftables connection whose Flush goes through s.
-func (s *batchSender) conn() (*gnft.Conn, error) {
-	c, err := gnft.New(gnft.WithTestDial(s.handle))
+func newCapture() (*capture, error) {
+	c := &capture{}
+	conn, err := gnft.New(gnft.WithTestDial(c.handle))
 	if err != nil {
-		return nil, fmt.Errorf("opening nftables batch connection: %w", err)
+		return nil, fmt.Errorf("opening nftables encoder: %w", err)
 	}
+	c.conn = conn
 	return c, nil
 }
 
-// handle is the capture socket: the first call carries the batch; later
-// calls (reqs == nil) are the library reading acks, which all succeed here
-// because the real outcome is in s.err.
-func (s *batchSender) handle(reqs []netlink.Message) ([]netlink.Message, error) {
-	ack := []netlink.Message{{Header: netlink.Header{Type: netlink.Error}, Data: make([]byte, 20)}}
-	if reqs == nil || s.sent {
-		return ack, nil
+// handle receives the library's batch (BATCH_BEGIN … BATCH_END) on the first
+// call; later calls (reqs == nil) are the library reading one ack per message,
+// which all succeed here because nothing was sent yet.
+func (c *capture) handle(reqs []netlink.Message) ([]netlink.Message, error) {
+	if len(reqs) >= 2 {
+		c.msgs = append(c.msgs, reqs[1:len(reqs)-1]...)
 	}
-	s.sent = true
-	s.err = s.send(reqs)
-	return ack, nil
+	return []netlink.Message{{Header: netlink.Header{Type: netlink.Error}, Data: make([]byte, 20)}}, nil
+}
+
+// messages flushes the library's buffer into c.msgs and returns them.
+func (c *capture) messages() ([]netlink.Message, error) {
+	if err := c.conn.Flush(); err != nil {
+		return nil, fmt.Errorf("encoding nftables messages: %w", err)
+	}
+	return c.msgs, nil
+}
+
+// batchSender sends one batch on a real socket.
+type batchSender struct {
+	netns          int
+	sndbuf, rcvbuf int
+}
+
+func batchControl(t uint16) netlink.Message {
+	return netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(t), Flags: netlink.Request},
+		Data:   []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES},
+	}
 }
 
 // send writes the batch on a real NETLINK_NETFILTER socket and waits for the
 // ack of its last message, collecting any error the kernel reports.
-func (s *batchSender) send(reqs []netlink.Message) error {
-	if len(reqs) < 3 {
+func (s *batchSender) send(body []netlink.Message) error {
+	if len(body) == 0 {
 		return errors.New("empty batch")
 	}
+	reqs := make([]netlink.Message, 0, len(body)+2)
+	reqs = append(reqs, batchControl(unix.NFNL_MSG_BATCH_BEGIN))
+	reqs = append(reqs, body...)
+	reqs = append(reqs, batchControl(unix.NFNL_MSG_BATCH_END))
 	nl, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: s.netns})
 	if err != nil {
 		return fmt.Errorf("dialing netlink: %w", err)
@@ -201,4 +226,4 @@ func msgName(t netlink.HeaderType) string {
 	return fmt.Sprintf("message type %d", t)
 }
 
-var _ nltest.Func = (&batchSender{}).handle
+var _ nltest.Func = (&capture{}).handle

@@ -85,6 +85,12 @@ func TestKernelReadback(t *testing.T) {
 			t.Errorf("nft list ruleset lacks %q", want)
 		}
 	}
+	// The kernel's copy must compare equal to the rendered one in a full
+	// sync (fingerprints of every expression kind, elements of every map).
+	ns.MustRun(t, "nft", "add", "table", "ip", "other2")
+	if res := mustSync(t, b, snap, true); res.Rules != 0 {
+		t.Errorf("full sync of an unchanged rich ruleset sent %d messages, want 0", res.Rules)
+	}
 	if err := b.Cleanup(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -344,8 +350,56 @@ func TestKernelDriftRepair(t *testing.T) {
 	if out := ns.MustRun(t, "nft", "list", "table", "ip", "other"); !strings.Contains(out, "counter") {
 		t.Errorf("other table changed: %s", out)
 	}
-	// A full sync with nothing to repair sends nothing.
+	// A full sync with nothing to repair sends nothing: both when no one
+	// committed since (no listing at all) and after someone else's commit
+	// (listing and comparing everything must find no difference).
 	if res := mustSync(t, b, snap, true); res.Rules != 0 {
 		t.Errorf("clean full sync sent %d messages", res.Rules)
+	}
+	ns.MustRun(t, "nft", "add", "table", "ip", "other2")
+	if res := mustSync(t, b, snap, true); res.Rules != 0 {
+		t.Errorf("full sync after a foreign commit sent %d messages, want 0 (nothing drifted)", res.Rules)
+	}
+}
+
+// TestKernelFailedBatchIsAtomic makes an incremental batch fail (a chain it
+// rewrites was deleted by hand) and checks nothing of it was applied, then
+// that a full sync recovers.
+func TestKernelFailedBatchIsAtomic(t *testing.T) {
+	ns, b, fd := setupTraffic(t)
+	snap := trafficSnap()
+	mustSync(t, b, snap, false)
+	var twoChain string
+	for _, c := range b.committed.Tables[0].AllChains() {
+		if strings.HasPrefix(c.Name, "service-") && strings.Contains(c.Name, "ns1/two/") {
+			twoChain = c.Name
+		}
+	}
+	script := fmt.Sprintf("delete element ip miniproxy service-ips { 172.30.0.12 . tcp . 80 }\nflush chain ip miniproxy %s\ndelete chain ip miniproxy %s\n", twoChain, twoChain)
+	if out, err := ns.Run(context.Background(), script, "nft", "-f", "-"); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	before := ns.MustRun(t, "nft", "list", "table", "ip", "miniproxy")
+
+	next := fixture.Snap()
+	for n, sp := range snap.Services {
+		cp := *sp
+		if len(cp.Endpoints) > 0 {
+			// Every service changes; "two" cannot be rewritten.
+			cp.Endpoints = []model.Endpoint{fixture.EP("10.180.0.4", 8080, "node-a")}
+		}
+		next.Services[n] = &cp
+	}
+	if _, err := b.Sync(context.Background(), next, false); err == nil {
+		t.Fatal("incremental sync over a deleted chain succeeded, want an error")
+	} else {
+		t.Logf("expected failure: %v", err)
+	}
+	if after := ns.MustRun(t, "nft", "list", "table", "ip", "miniproxy"); after != before {
+		t.Errorf("failed batch changed the kernel: %q", diffLines(before, after))
+	}
+	mustSync(t, b, next, true)
+	if h := hits(t, fd, "172.30.0.12:80", 10); h["10.180.0.4:8080"] != 10 {
+		t.Errorf("after full sync: %v", h)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 
@@ -172,11 +173,19 @@ func parseRuleMsg(b []byte) (chain, fp string, err error) {
 			ad.Nested(func(l *netlink.AttributeDecoder) error {
 				for l.Next() {
 					l.Nested(func(e *netlink.AttributeDecoder) error {
+						name, chain := "", ""
 						for e.Next() {
-							if e.Type() == unix.NFTA_EXPR_NAME {
-								names = append(names, e.String())
+							switch e.Type() {
+							case unix.NFTA_EXPR_NAME:
+								name = e.String()
+							case unix.NFTA_EXPR_DATA:
+								chain = verdictChain(e.Bytes())
 							}
 						}
+						if name == "immediate" && chain != "" {
+							name += ":" + chain
+						}
+						names = append(names, name)
 						return nil
 					})
 				}
@@ -206,11 +215,39 @@ func fingerprint(f model.Family, r rs.Rule) (string, error) {
 		}
 		for ad.Next() {
 			if ad.Type() == unix.NFTA_EXPR_NAME {
-				names = append(names, ad.String())
+				name := ad.String()
+				if v, ok := e.(*expr.Verdict); ok && v.Chain != "" {
+					name += ":" + v.Chain
+				}
+				names = append(names, name)
 			}
 		}
 	}
 	return strings.Join(names, ","), nil
+}
+
+// verdictChain returns the jump/goto target in an immediate expression's
+// data, or "". Including it in the fingerprint catches a retargeted jump.
+func verdictChain(b []byte) string {
+	chain := ""
+	var walk func(b []byte, depth int)
+	walk = func(b []byte, depth int) {
+		ad, err := netlink.NewAttributeDecoder(b)
+		if err != nil {
+			return
+		}
+		for ad.Next() {
+			switch {
+			case depth == 0 && ad.Type() == unix.NFTA_IMMEDIATE_DATA,
+				depth == 1 && ad.Type() == unix.NFTA_DATA_VERDICT:
+				walk(ad.Bytes(), depth+1)
+			case depth == 2 && ad.Type() == unix.NFTA_VERDICT_CHAIN:
+				chain = ad.String()
+			}
+		}
+	}
+	walk(b, 0)
+	return chain
 }
 
 // reconcilePlan compares the desired table with what the kernel holds and
@@ -230,6 +267,13 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed, fps fpCache) *pl
 			p.services++
 		}
 	}
+	// What we committed is what the kernel should hold apart from drift;
+	// chains that changed since must be rewritten whatever the kernel
+	// shows, since a fingerprint does not see every detail.
+	prevChains := map[string]*rs.Chain{}
+	for _, c := range committed.AllChains() {
+		prevChains[c.Name] = c
+	}
 	want := map[string]bool{}
 	for _, c := range desired.AllChains() {
 		want[c.Name] = true
@@ -239,7 +283,9 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed, fps fpCache) *pl
 			p.writeChains = append(p.writeChains, c)
 			continue
 		}
-		if !slices.Equal(fps.get(desired.Family, c), have) {
+		pc := prevChains[c.Name]
+		changed := pc == nil || (pc != c && !reflect.DeepEqual(pc.Rules, c.Rules))
+		if changed || !slices.Equal(fps.get(desired.Family, c), have) {
 			p.flushChains = append(p.flushChains, c.Name)
 			p.writeChains = append(p.writeChains, c)
 		}
