@@ -171,4 +171,3 @@ func TestKernelDriftRepair(t *testing.T) {
 		t.Fatalf("full sync did not repair: %v", got)
 	}
 }
-
