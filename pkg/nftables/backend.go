@@ -39,6 +39,8 @@ type Backend struct {
 	// grows faster than linearly).
 	clean bool
 	gen   uint32
+	// rotor is where the next full sync's window of rule checks starts.
+	rotor map[model.Family]int
 }
 
 var _ proxy.Backend = (*Backend)(nil)
@@ -55,7 +57,7 @@ func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("nftables backend: %w", err)
 	}
-	b := &Backend{cfg: cfg, fps: fpCache{}}
+	b := &Backend{cfg: cfg, fps: fpCache{}, rotor: map[model.Family]int{}}
 	for _, o := range opts {
 		o(b)
 	}
@@ -91,7 +93,7 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 			p = replacePlan(t)
 			changed = len(t.Services)
 		case full && !skipObserve:
-			obs, err := b.observe(t.Family)
+			obs, err := b.observe(t.Family, t)
 			if err != nil {
 				return proxy.Result{Full: full}, fmt.Errorf("nftables full sync: reading %s table: %w", famName(t.Family), err)
 			}
