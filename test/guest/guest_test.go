@@ -1,11 +1,14 @@
 package guest
 
 import (
+	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -157,12 +160,30 @@ func TestGuestSelf(t *testing.T) {
 	if err := BuildTestBinary(ctx, ".", bin); err != nil {
 		t.Fatal(err)
 	}
+	// A loopback server the guest must reach through qemu user networking
+	// (10.0.2.2 is this namespace's loopback as seen from the guest).
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintln(c, "hello-from-host")
+			c.Close()
+		}
+	}()
 	var console bytes.Buffer
 	res, err := Run(ctx, Options{
 		Binary:  bin,
 		Args:    []string{"-test.v", "-test.run", "^TestInGuest$"},
-		Env:     []string{InGuestEnv + "=1"},
+		Env:     []string{InGuestEnv + "=1", "MINIPROXY_GUEST_HOSTPORT=" + net.JoinHostPort(GuestHostIP, fmt.Sprint(ln.Addr().(*net.TCPAddr).Port))},
 		Modules: []string{"ip_vs", "dummy"},
+		Network: true,
 		Timeout: 3 * time.Minute,
 		Console: &console,
 	})
@@ -196,6 +217,18 @@ func TestInGuest(t *testing.T) {
 	}
 	if !strings.Contains(string(b), "dummy ") {
 		t.Fatalf("dummy not loaded: %s", b)
+	}
+	if hp := os.Getenv("MINIPROXY_GUEST_HOSTPORT"); hp != "" {
+		c, err := net.DialTimeout("tcp", hp, 10*time.Second)
+		if err != nil {
+			t.Fatalf("host loopback service unreachable at %s: %v", hp, err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil || strings.TrimSpace(line) != "hello-from-host" {
+			t.Fatalf("from host: %q %v", line, err)
+		}
 	}
 }
 
