@@ -261,7 +261,11 @@ func (b *Backend) restore(ctx context.Context, fs *familyState, text string) err
 }
 
 func (b *Backend) ensureHooks(ctx context.Context, fs *familyState, base Base) error {
-	for _, h := range base.Hooks {
+	// Each missing hook is inserted at the top of its built-in chain, so walk
+	// them backwards: on a clean node they end up in the order they are listed
+	// (service portals before the NodePort dispatch), ahead of others' rules.
+	for i := len(base.Hooks) - 1; i >= 0; i-- {
+		h := base.Hooks[i]
 		args := append([]string{"-w", "5", "-t", string(h.Table), "-C", h.Chain}, h.Args...)
 		if _, err := b.run(ctx, "", fs.tools.iptables, args...); err == nil {
 			continue
