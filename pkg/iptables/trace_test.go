@@ -388,5 +388,5 @@ func TestBehaviorTable(t *testing.T) {
 			return behavior.Verdict{}, err
 		}
 		return tr.trace(pkt)
-	})
+	}, behavior.LocalhostCase())
 }

@@ -110,7 +110,7 @@ var (
 )
 
 // Config is the default config of the table: ClusterCIDR local detection,
-// localhost NodePorts on.
+// localhost NodePorts on (only iptables mode implements them; see LocalhostCase).
 func Config() proxy.Config {
 	return proxy.Config{ClusterCIDRs: []netip.Prefix{mt.ClusterCIDR}, LocalMode: proxy.LocalModeClusterCIDR, LocalhostNodePorts: true}
 }
@@ -182,7 +182,10 @@ func Cases() []Case {
 		{Name: "no endpoints rejects", Packet: tcp(ClientPod, "172.30.0.9", 80), Want: Verdict{Outcome: Reject}},
 		{Name: "no endpoints nodeport rejects", Packet: tcp(Outside, "192.168.0.2", 30090), Want: Verdict{Outcome: Reject}},
 		{Name: "nodeport from outside", Packet: tcp(Outside, "192.168.0.2", 30080), Want: fwd(true, both...)},
-		{Name: "nodeport on localhost from node", Packet: fromNode(tcp(Loopback, "127.0.0.1", 30080)), Want: fwd(true, both...)},
+		// NodePorts on 127.0.0.1 are an iptables-mode feature (route_localnet);
+		// with it off every backend must leave loopback alone.
+		{Name: "nodeport on localhost off", Packet: fromNode(tcp(Loopback, "127.0.0.1", 30080)), Want: Verdict{Outcome: Untouched},
+			Cfg: func(c *proxy.Config) { c.LocalhostNodePorts = false }},
 		{Name: "nodeport on a non-node address untouched", Packet: tcp(Outside, "192.168.0.99", 30080), Want: Verdict{Outcome: Untouched}},
 		{Name: "externalIP from outside", Packet: tcp(Outside, "203.0.113.7", 80), Want: fwd(true, both...)},
 		{Name: "etp local nodeport keeps source, local endpoints only", Packet: tcp(Outside, "192.168.0.2", 30050), Want: fwd(false, "10.180.0.5:8080")},
@@ -208,10 +211,17 @@ func Cases() []Case {
 	}
 }
 
+// LocalhostCase is the iptables-only case: a NodePort on 127.0.0.1 from the node.
+func LocalhostCase() Case {
+	p := tcp(Loopback, "127.0.0.1", 30080)
+	p.FromNode = true
+	return Case{Name: "nodeport on localhost from node", Packet: p, Want: fwd(true, "10.180.0.5:8080", "10.180.1.5:8080")}
+}
+
 // Run checks every case against a backend's tracer.
-func Run(t *testing.T, trace Tracer) {
+func Run(t *testing.T, trace Tracer, extra ...Case) {
 	snap := Snapshot()
-	for _, tc := range Cases() {
+	for _, tc := range append(Cases(), extra...) {
 		t.Run(tc.Name, func(t *testing.T) {
 			cfg := Config()
 			if tc.Cfg != nil {
