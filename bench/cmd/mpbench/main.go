@@ -1,0 +1,358 @@
+// Command mpbench is `make bench`: miniproxy against upstream kube-proxy on
+// the same machine, in the same run, against the same objects.
+//
+// It starts a real etcd + kube-apiserver and one node namespace through
+// test/e2e/framework, bulk-creates N selector-less ClusterIP Services with
+// one EndpointSlice of 5 endpoints each (written directly, parallel
+// writers, high-QPS client), and then runs each proxy in turn in the node
+// namespace: cold start (process start → first complete sync, from the
+// proxy's kubeproxy_sync_proxy_rules_last_timestamp_seconds), RSS and CPU
+// after that sync, first-connect latency to the Service created last, and one
+// change at a time (add a Service: API write → VIP answers a connect from a
+// pod; remove one endpoint: the proxy's network_programming_duration). The
+// node's tables are deleted between proxies. Results go to
+// <out>/<date>.json, <out>/latest.md and PNG plots.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/miniproxy/miniproxy/test/e2e/framework"
+)
+
+type options struct {
+	ns         []int
+	impls      []string
+	modes      []string
+	timeout    time.Duration
+	reps       int
+	connects   int
+	workers    int
+	out        string
+	quick      bool
+	skipReason string
+}
+
+// Run is one proxy in one mode at one N.
+type Run struct {
+	Impl          string        `json:"impl"`
+	Mode          string        `json:"mode"`
+	N             int           `json:"services"`
+	ColdStartS    float64       `json:"cold_start_s"` // -1 when it timed out
+	TimedOut      bool          `json:"timed_out,omitempty"`
+	TimeoutS      float64       `json:"timeout_s"`
+	CPUColdS      float64       `json:"cpu_to_first_sync_s"`
+	RSSMB         float64       `json:"rss_after_sync_mb"`
+	RSSMaxMB      float64       `json:"rss_after_changes_mb"`
+	TargetAfterMs float64       `json:"target_answer_after_sync_ms"`
+	FirstConnect  *Stats        `json:"first_connect_target"`
+	DirectConnect *Stats        `json:"first_connect_direct_pod"`
+	Changes       *changeResult `json:"changes,omitempty"`
+	Error         string        `json:"error,omitempty"`
+	Load          string        `json:"loadavg_at_start"`
+	Started       time.Time     `json:"started"`
+}
+
+// Result is the whole run, as written to <date>.json.
+type Result struct {
+	Date       time.Time `json:"date"`
+	Host       string    `json:"host"`
+	Kernel     string    `json:"kernel"`
+	CPUs       int       `json:"cpus"`
+	GoVersion  string    `json:"go_version"`
+	K8sVersion string    `json:"k8s_version"`
+	Quick      bool      `json:"quick"`
+	Ns         []int     `json:"services"`
+	Endpoints  int       `json:"endpoints_per_service"`
+	LoadBefore string    `json:"loadavg_before"`
+	LoadAfter  string    `json:"loadavg_after"`
+	Create     []Create  `json:"bulk_create"`
+	Runs       []Run     `json:"runs"`
+	Notes      []string  `json:"notes"`
+}
+
+// Create records how long the bulk writes took.
+type Create struct {
+	From, To int
+	Seconds  float64
+}
+
+func main() {
+	var o options
+	var ns, impls, modes string
+	flag.StringVar(&ns, "n", envOr("BENCH_N", "1000,10000"), "comma-separated Service counts (env BENCH_N)")
+	flag.StringVar(&impls, "impls", envOr("BENCH_IMPLS", "miniproxy,kube-proxy"), "proxies to run")
+	flag.StringVar(&modes, "modes", envOr("BENCH_MODES", "iptables,nftables"), "modes to run")
+	flag.DurationVar(&o.timeout, "timeout", 10*time.Minute, "bound on one proxy's cold start; longer is recorded as timed out")
+	flag.IntVar(&o.reps, "reps", 10, "repetitions of each one-change measurement")
+	flag.IntVar(&o.connects, "connects", 30, "fresh connections per first-connect measurement")
+	flag.IntVar(&o.workers, "workers", 32, "parallel API writers for the bulk creation")
+	flag.StringVar(&o.out, "out", "bench/results", "results directory")
+	flag.BoolVar(&o.quick, "quick", os.Getenv("QUICK") == "1", "N = 1,000 only (env QUICK=1)")
+	flag.StringVar(&o.skipReason, "skip-note", "", "note on N values left out, written to the results")
+	flag.Parse()
+	if o.quick {
+		ns = "1000"
+	}
+	for _, f := range strings.Split(ns, ",") {
+		v, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || v <= 0 {
+			fmt.Fprintf(os.Stderr, "mpbench: bad -n %q\n", ns)
+			os.Exit(2)
+		}
+		o.ns = append(o.ns, v)
+	}
+	o.impls = strings.Split(impls, ",")
+	o.modes = strings.Split(modes, ",")
+	if err := run(o); err != nil {
+		fmt.Fprintf(os.Stderr, "mpbench: FAILED: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "[mpbench %s] %s\n", time.Now().UTC().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+func run(o options) error {
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return fmt.Errorf("results dir: %w", err)
+	}
+	env, err := framework.NewEnv(framework.Options{Log: logf})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := env.Close(); err != nil {
+			logf("teardown: %v", err)
+		}
+	}()
+	res := &Result{
+		Date: time.Now().UTC(), CPUs: runtime.NumCPU(), GoVersion: runtime.Version(), K8sVersion: framework.K8sVersion,
+		Quick: o.quick, Ns: o.ns, Endpoints: epsPerSvc, LoadBefore: loadavg(),
+	}
+	res.Host, _ = os.Hostname()
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		res.Kernel = strings.TrimSpace(string(b))
+	}
+	if o.skipReason != "" {
+		res.Notes = append(res.Notes, o.skipReason)
+	}
+	stamp := res.Date.Format("2006-01-02-1504")
+	jsonPath := filepath.Join(o.out, stamp+".json")
+	save := func() {
+		res.LoadAfter = loadavg()
+		b, _ := json.MarshalIndent(res, "", "  ")
+		if err := os.WriteFile(jsonPath, append(b, '\n'), 0o644); err != nil {
+			logf("write %s: %v", jsonPath, err)
+		}
+	}
+
+	cluster, err := framework.StartCluster(ctx, env)
+	if err != nil {
+		return err
+	}
+	nodes, err := cluster.AddNodes(ctx, "bench", 1)
+	if err != nil {
+		return err
+	}
+	node := nodes[0]
+	cfg := rest.CopyConfig(cluster.CP.AdminConfig)
+	// Bulk creation is bounded by the apiserver, not the client limiter.
+	cfg.QPS, cfg.Burst = 5000, 10000
+	cfg.ContentType = "application/vnd.kubernetes.protobuf"
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("bench client: %w", err)
+	}
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: benchNS}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create namespace: %w", err)
+	}
+	// Five real listeners behind every measured Service, and a client pod.
+	var live []string
+	for i := 0; i < epsPerSvc; i++ {
+		pod, err := node.NewPod(ctx, fmt.Sprintf("srv-%d", i))
+		if err != nil {
+			return err
+		}
+		if err := pod.Serve(ctx, podPort, 0); err != nil {
+			return err
+		}
+		live = append(live, pod.IP.String())
+	}
+	client, err := node.NewPod(ctx, "client")
+	if err != nil {
+		return err
+	}
+	logDir := filepath.Join(env.WorkDir, "proxy-logs")
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return fmt.Errorf("log dir: %w", err)
+	}
+	mp, err := env.MiniproxyBin()
+	if err != nil {
+		return err
+	}
+	bins := map[string]string{"miniproxy": mp, "kube-proxy": filepath.Join(env.K8sBin, "kube-proxy")}
+
+	have := 0
+	prevTarget := ""
+	for _, n := range o.ns {
+		if n > have {
+			logf("bulk-creating Services %d..%d (× %d endpoints)", have, n, epsPerSvc)
+			t0 := time.Now()
+			if err := bulkCreate(ctx, cs, have, n, o.workers); err != nil {
+				return err
+			}
+			res.Create = append(res.Create, Create{From: have, To: n, Seconds: round3(time.Since(t0).Seconds())})
+			logf("created %d Services in %v", n-have, time.Since(t0).Round(time.Millisecond))
+			have = n
+		}
+		// The measured Service is the newest: last in creation order and,
+		// by name, last in any sorted rule list.
+		if prevTarget != "" {
+			if err := deleteService(ctx, cs, prevTarget); err != nil {
+				return err
+			}
+		}
+		target := fmt.Sprintf("zzz-target-%d", n)
+		targetIP, err := createService(ctx, cs, target, live, node.Name, time.Time{})
+		if err != nil {
+			return err
+		}
+		prevTarget = target
+		for _, mode := range o.modes {
+			for _, impl := range o.impls {
+				spec := proxySpec{Impl: impl, Mode: mode, Bin: bins[impl]}
+				spec.Args = proxyArgs(impl, mode, cluster.CP.AdminKubeconfig, node.Name)
+				r := benchOne(ctx, o, cs, node, client, spec, n, targetIP, live, logDir)
+				res.Runs = append(res.Runs, r)
+				save()
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+			}
+		}
+	}
+	save()
+	logf("wrote %s", jsonPath)
+	if err := writeReport(o.out, res, jsonPath); err != nil {
+		return err
+	}
+	return nil
+}
+
+// cleanNode deletes every table in the node namespace (iptables-nft tables
+// are nf_tables tables too) and its conntrack entries, so each proxy starts
+// from an empty kernel. The namespace is this run's own.
+func cleanNode(ctx context.Context, node *framework.Node) error {
+	if _, err := node.NS.Run(ctx, "nft", "flush", "ruleset"); err != nil {
+		return err
+	}
+	if _, err := node.NS.Run(ctx, "conntrack", "-F"); err != nil {
+		logf("conntrack -F in %s: %v", node.NS.Name, err)
+	}
+	return nil
+}
+
+func benchOne(ctx context.Context, o options, cs kubernetes.Interface, node *framework.Node, client *framework.Pod, spec proxySpec, n int, targetIP string, live []string, logDir string) Run {
+	r := Run{Impl: spec.Impl, Mode: spec.Mode, N: n, TimeoutS: o.timeout.Seconds(), Load: loadavg(), Started: time.Now().UTC()}
+	logf("%s at %d Services: starting (load %s)", spec, n, r.Load)
+	if err := cleanNode(ctx, node); err != nil {
+		r.Error = err.Error()
+		return r
+	}
+	p, err := startProxy(node, spec, logDir, strconv.Itoa(n))
+	if err != nil {
+		r.Error = err.Error()
+		return r
+	}
+	defer func() {
+		p.stop(20 * time.Second)
+		if err := cleanNode(context.Background(), node); err != nil {
+			logf("clean node after %s: %v", spec, err)
+		}
+	}()
+	synced, err := p.waitFirstSync(ctx, o.timeout)
+	r.CPUColdS = round3(p.cpuSeconds())
+	r.RSSMB = round3(p.rssMB())
+	if errors.Is(err, errTimedOut) {
+		r.TimedOut, r.ColdStartS = true, -1
+		logf("%s at %d: no complete sync within %v (timed out)", spec, n, o.timeout)
+		return r
+	}
+	if err != nil {
+		r.Error = err.Error()
+		return r
+	}
+	r.ColdStartS = round3(synced.Sub(p.start).Seconds())
+	logf("%s at %d: first sync after %.3fs, RSS %.1f MB, CPU %.2fs", spec, n, r.ColdStartS, r.RSSMB, r.CPUColdS)
+	target := fmt.Sprintf("%s:%d", targetIP, svcPort)
+	t0 := time.Now()
+	if _, err := waitAnswer(ctx, client, target, 5*time.Millisecond, 30*time.Second); err != nil {
+		r.Error = fmt.Sprintf("target VIP after first sync: %v", err)
+		return r
+	}
+	r.TargetAfterMs = round3(ms(time.Since(t0)))
+	if r.FirstConnect, err = firstConnect(ctx, client, target, o.connects); err != nil {
+		r.Error = err.Error()
+		return r
+	}
+	if r.DirectConnect, err = firstConnect(ctx, client, fmt.Sprintf("%s:%d", live[0], podPort), o.connects); err != nil {
+		r.Error = err.Error()
+		return r
+	}
+	ch, created := measureChanges(ctx, cs, p, client, live, node.Name, n, o.reps, fmt.Sprintf("%s-%s-%d", spec.Impl, spec.Mode, n))
+	r.Changes = ch
+	r.RSSMaxMB = round3(p.rssMB())
+	if ch.AddAnswer != nil {
+		logf("%s at %d: add Service → VIP answers p50 %.1f ms p99 %.1f ms", spec, n, ch.AddAnswer.P50, ch.AddAnswer.P99)
+	}
+	if ch.RemoveProg != nil {
+		logf("%s at %d: remove endpoint programmed p50 %.1f ms p99 %.1f ms", spec, n, ch.RemoveProg.P50, ch.RemoveProg.P99)
+	}
+	for _, name := range created {
+		if err := deleteService(ctx, cs, name); err != nil {
+			logf("%v", err)
+		}
+	}
+	return r
+}
