@@ -21,7 +21,8 @@ ipvs) [[ -e /proc/net/ip_vs ]] || die "MODE=ipvs needs the ip_vs kernel module, 
 esac
 
 say "provisioning (apt tools, etcd, kube-apiserver; cached after the first run)"
-bash hack/provision.sh >/dev/null
+# The lab needs only kube-apiserver; kube-proxy/kubectl are built by `make provision`.
+MINIPROXY_K8S_TOOLS=${MINIPROXY_K8S_TOOLS:-kube-apiserver} bash hack/provision.sh >/dev/null
 for t in ip iptables nft conntrack etcd; do
 	PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || die "$t missing after provisioning"
 done

@@ -143,7 +143,9 @@ func run(cfg config) (err error) {
 	if err != nil {
 		return err
 	}
-	p.log("kubectl: ip netns exec %s %s/kubectl --kubeconfig %s get nodes", cl.CP.NS.Name, env.K8sBin, cl.CP.AdminKubeconfig)
+	if _, err := os.Stat(filepath.Join(env.K8sBin, "kubectl")); err == nil {
+		p.log("kubectl: ip netns exec %s %s/kubectl --kubeconfig %s get nodes", cl.CP.NS.Name, env.K8sBin, cl.CP.AdminKubeconfig)
+	}
 
 	p.step(fmt.Sprintf("creating %d node namespaces", cfg.nodes))
 	nodes, err := cl.AddNodes(ctx, "node", cfg.nodes)

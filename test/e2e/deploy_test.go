@@ -17,7 +17,7 @@ import (
 // the real apiserver validates, defaults and admits every object (the
 // system-node-critical PriorityClass, privileged pods, RBAC escalation).
 func TestDeployManifest(t *testing.T) {
-	row := suite.Matrix.Track(t, "deploy/daemonset.yaml server-side dry run", "all")
+	row := suite.Matrix.Track(t, "deploy/daemonset.yaml server-side dry run", framework.ModeIndependent)
 	c := suite.Cluster(t, row)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -49,7 +49,7 @@ func TestDeployManifest(t *testing.T) {
 // TestProxyIdentityIsLeastPrivilege checks what the ServiceAccount from the
 // manifest may and may not do, as the apiserver's authorizer answers it.
 func TestProxyIdentityIsLeastPrivilege(t *testing.T) {
-	row := suite.Matrix.Track(t, "miniproxy RBAC least privilege", "all")
+	row := suite.Matrix.Track(t, "miniproxy RBAC least privilege", framework.ModeIndependent)
 	c := suite.Cluster(t, row)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

@@ -16,7 +16,7 @@ import (
 // objects carry addresses, zones and pod CIDRs, and the EndpointSlice
 // describes the pods.
 func TestPodNetwork(t *testing.T) {
-	row := suite.Matrix.Track(t, "test bed: pod network, Nodes, EndpointSlices", "all")
+	row := suite.Matrix.Track(t, "test bed: pod network, Nodes, EndpointSlices", framework.ModeIndependent)
 	nodes := suite.PlainNodes(t, row)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

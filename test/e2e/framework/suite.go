@@ -13,8 +13,13 @@ import (
 	"time"
 )
 
-// KnownModes are the matrix columns, in order.
+// KnownModes are the proxy modes every per-mode feature runs in, in matrix
+// column order.
 var KnownModes = []string{"iptables", "nftables", "ipvs"}
+
+// ModeIndependent is the matrix column for features that do not depend on
+// the proxy mode (manifests, RBAC, the test bed itself).
+const ModeIndependent = "mode-independent"
 
 // Suite is the state one `go test ./test/e2e` process shares between tests:
 // one control plane, per-mode nodes with miniproxy running, the matrix. It
@@ -54,7 +59,7 @@ type ModeEnv struct {
 // <repo>/e2e-results).
 func NewSuite() *Suite {
 	s := &Suite{
-		Matrix:         NewMatrix(KnownModes...),
+		Matrix:         NewMatrix(append([]string{ModeIndependent}, KnownModes...)...),
 		DisabledReason: map[string]string{},
 		NodesPerMode:   2,
 		start:          time.Now(),
@@ -101,7 +106,7 @@ func (s *Suite) Logf(format string, args ...any) {
 func (s *Suite) Cluster(t testing.TB, row *Row) *Cluster {
 	t.Helper()
 	if err := RequireRoot(); err != nil {
-		row.Skip("skipping: " + err.Error())
+		row.Skip(err.Error())
 	}
 	s.setupOnce.Do(func() {
 		s.env, s.setupErr = NewEnv(Options{Log: s.Logf})
