@@ -137,7 +137,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	rd.AddData("modules.order", []byte(strings.Join(mods, "\n")+"\n"), 0o644)
 	rd.AddFile("guest.test", opts.Binary, 0o755)
 	for g, h := range opts.Files {
-		rd.AddFile(g, h, 0o644)
+		mode := uint32(0o644)
+		if st, err := os.Stat(h); err == nil && st.Mode()&0o111 != 0 {
+			mode = 0o755
+		}
+		rd.AddFile(g, h, mode)
 	}
 	rd.AddData("init", []byte(initScript(opts)), 0o755)
 	initrd := filepath.Join(work, "initrd.gz")

@@ -1,17 +1,21 @@
 package ipvsapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -47,6 +51,7 @@ type row struct {
 
 type report struct {
 	Driver       string  `json:"driver"`
+	Kernel       string  `json:"kernel,omitempty"`
 	Generated    string  `json:"generated"`
 	BootSeconds  float64 `json:"boot_seconds"`
 	TestSeconds  float64 `json:"test_seconds"`
@@ -74,7 +79,7 @@ func TestGuestAPIServer(t *testing.T) {
 	if testing.Short() {
 		t.Skip("skipping control plane + qemu guest in -short mode")
 	}
-	rep := &report{Driver: "pkg/watch + pkg/ipvs in the guest against the host kube-apiserver (not the miniproxy binary)",
+	rep := &report{Driver: "guest against the host kube-apiserver: lib/ = pkg/watch + pkg/ipvs in the test process; binary/ = static bin/miniproxy --proxy-mode ipvs in the guest's node namespace",
 		Generated: time.Now().UTC().Format(time.RFC3339)}
 	defer writeReport(t, rep)
 	skip := func(why string) {
@@ -99,25 +104,36 @@ func TestGuestAPIServer(t *testing.T) {
 	if err := guest.BuildTestBinary(ctx, ".", bin); err != nil {
 		t.Fatal(err)
 	}
+	files := map[string]string{"kubeconfig": cp.AdminKubeconfig}
+	// The real binary, static so it runs on the guest's bare initramfs.
+	mp := filepath.Join(t.TempDir(), "miniproxy")
+	build := exec.CommandContext(ctx, "go", "build", "-o", mp, "./cmd/miniproxy")
+	build.Dir = filepath.Join("..", "..", "..")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Logf("no miniproxy binary for the guest (binary cases will skip): %v: %s", err, out)
+	} else {
+		files["miniproxy"] = mp
+	}
 	ipBin, err := exec.LookPath("ip")
 	if err != nil {
 		skip("ip not installed")
 	}
 	res, err := guest.Run(ctx, guest.Options{
 		Binary:  bin,
-		Args:    []string{"-test.v", "-test.run", "^TestAPIInGuest$", "-test.timeout", "8m"},
+		Args:    []string{"-test.v", "-test.run", "^(TestAPIInGuest|TestBinaryInGuest)$", "-test.timeout", "8m"},
 		Env:     []string{guest.InGuestEnv + "=1", kubeconfigEnv + "=/kubeconfig"},
 		Modules: guestModules,
 		Network: true,
 		Prefix:  []string{ipBin, "netns", "exec", cp.NS.Name},
-		Files:   map[string]string{"kubeconfig": cp.AdminKubeconfig},
+		Files:   files,
 		Timeout: 9 * time.Minute,
 	})
 	if errors.Is(err, guest.ErrUnavailable) {
 		skip(err.Error())
 	}
 	if res != nil {
-		rep.BootSeconds, rep.TotalSeconds = res.Boot.Seconds(), res.Total.Seconds()
+		rep.BootSeconds, rep.TotalSeconds, rep.Kernel = res.Boot.Seconds(), res.Total.Seconds(), res.KernelRelease
 		t.Logf("guest: boot %v, total %v, initramfs %d bytes", res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond), res.InitramfsBytes)
 	}
 	if err != nil {
@@ -125,15 +141,19 @@ func TestGuestAPIServer(t *testing.T) {
 	}
 	seen := 0
 	for _, r := range guest.ParseGoTest(res.Output) {
-		if r.Name == "TestAPIInGuest" {
-			rep.TestSeconds = r.Elapsed.Seconds()
+		if r.Name == "TestAPIInGuest" || r.Name == "TestBinaryInGuest" {
+			rep.TestSeconds += r.Elapsed.Seconds()
 			if r.Outcome == "SKIP" {
-				t.Fatalf("guest test skipped: %s", strings.Join(r.Output, "\n"))
+				t.Logf("%s skipped in the guest: %s", r.Name, strings.Join(r.Output, "\n"))
 			}
 			continue
 		}
-		name, ok := strings.CutPrefix(r.Name, "TestAPIInGuest/")
-		if !ok {
+		var name, variant, prefix string
+		if n, ok := strings.CutPrefix(r.Name, "TestAPIInGuest/"); ok {
+			name, variant, prefix = n, "lib/", ""
+		} else if n, ok := strings.CutPrefix(r.Name, "TestBinaryInGuest/"); ok {
+			name, variant, prefix = n, "binary/", "miniproxy binary: "
+		} else {
 			continue
 		}
 		seen++
@@ -145,9 +165,9 @@ func TestGuestAPIServer(t *testing.T) {
 		if f == "" {
 			f = name
 		}
-		rep.Matrix = append(rep.Matrix, row{Feature: f, Mode: "ipvs", Status: strings.ToLower(r.Outcome), Reason: reason,
-			Test: "test/guest/ipvsapi TestGuestAPIServer/" + name})
-		t.Run(name, func(t *testing.T) {
+		rep.Matrix = append(rep.Matrix, row{Feature: prefix + f, Mode: "ipvs", Status: strings.ToLower(r.Outcome), Reason: reason,
+			Test: "test/guest/ipvsapi TestGuestAPIServer/" + variant + name})
+		t.Run(variant+name, func(t *testing.T) {
 			switch r.Outcome {
 			case "FAIL":
 				t.Errorf("failed in guest (%v):\n%s", r.Elapsed, strings.Join(r.Output, "\n"))
@@ -186,12 +206,8 @@ func writeReport(t *testing.T, rep *report) {
 	t.Logf("wrote %s", p)
 }
 
-// TestAPIInGuest is the guest side.
-func TestAPIInGuest(t *testing.T) {
-	kc := os.Getenv(kubeconfigEnv)
-	if kc == "" {
-		t.Skip("runs only inside the guest (TestGuestAPIServer boots it)")
-	}
+// guestClient connects to the host apiserver from the guest's root namespace.
+func guestClient(t *testing.T, kc string) (kubernetes.Interface, *url.URL) {
 	cfg, err := clientcmd.BuildConfigFromFlags("", kc)
 	glab.Must(t, err, "kubeconfig")
 	u, err := url.Parse(cfg.Host)
@@ -202,35 +218,49 @@ func TestAPIInGuest(t *testing.T) {
 	cfg.Host = "https://" + guest.GuestHostIP + ":" + u.Port()
 	client, err := kubernetes.NewForConfig(cfg)
 	glab.Must(t, err, "client")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		_, err := client.Discovery().ServerVersion()
 		if err == nil {
-			break
+			return client, u
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("apiserver unreachable from the guest at %s: %v", cfg.Host, err)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
 
+// objects creates a namespace and a Node object for one guest node.
+func objects(t *testing.T, ctx context.Context, client kubernetes.Interface, prefix string) (nsName, nodeName string) {
+	suffix := fmt.Sprintf("%s-%d", prefix, time.Now().UnixNano()%100000)
+	nsName, nodeName = "ipvs-guest-"+suffix, "guest-node-"+suffix
+	_, err := client.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: nsName}}, metav1.CreateOptions{})
+	glab.Must(t, err, "namespace")
+	t.Cleanup(func() { _ = client.CoreV1().Namespaces().Delete(context.Background(), nsName, metav1.DeleteOptions{}) })
+	_, err = client.CoreV1().Nodes().Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName},
+		Status: v1.NodeStatus{Addresses: []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: glab.NodeIP}}}}, metav1.CreateOptions{})
+	glab.Must(t, err, "node")
+	t.Cleanup(func() { _ = client.CoreV1().Nodes().Delete(context.Background(), nodeName, metav1.DeleteOptions{}) })
+	return nsName, nodeName
+}
+
+// TestAPIInGuest is the guest side with the proxy loop in this process:
+// pkg/watch feeding pkg/ipvs.
+func TestAPIInGuest(t *testing.T) {
+	kc := os.Getenv(kubeconfigEnv)
+	if kc == "" {
+		t.Skip("runs only inside the guest (TestGuestAPIServer boots it)")
+	}
+	client, _ := guestClient(t, kc)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	l := glab.New(t, 3)
 	be, err := ipvs.New(proxy.Config{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(glab.ClusterNet)}},
 		ipvs.Options{NetNSPath: glab.NSPath(l.Node)})
 	glab.Must(t, err, "backend")
 	defer be.Close()
-
-	suffix := fmt.Sprintf("%d", time.Now().UnixNano()%100000)
-	nsName, nodeName := "ipvs-guest-"+suffix, "guest-node-"+suffix
-	_, err = client.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: nsName}}, metav1.CreateOptions{})
-	glab.Must(t, err, "namespace")
-	defer client.CoreV1().Namespaces().Delete(context.Background(), nsName, metav1.DeleteOptions{})
-	_, err = client.CoreV1().Nodes().Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName},
-		Status: v1.NodeStatus{Addresses: []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: glab.NodeIP}}}}, metav1.CreateOptions{})
-	glab.Must(t, err, "node")
-	defer client.CoreV1().Nodes().Delete(context.Background(), nodeName, metav1.DeleteOptions{})
+	nsName, nodeName := objects(t, ctx, client, "lib")
 
 	// The proxy loop: sync on every change and once a second (which also
 	// finishes graceful drains), as the real sync runner would.
@@ -271,8 +301,95 @@ func TestAPIInGuest(t *testing.T) {
 			t.Errorf("cleanup: %v", err)
 		}
 	}()
+	runCases(t, &api{ctx: ctx, c: client, ns: nsName, node: nodeName, lab: l})
+}
 
-	a := &api{t: t, ctx: ctx, c: client, ns: nsName, node: nodeName, lab: l}
+// TestBinaryInGuest runs the real miniproxy binary (--proxy-mode ipvs)
+// inside the guest's node namespace. The apiserver is reached through a
+// small forwarder listening on the node's loopback, since qemu's 10.0.2.2
+// is only routable from the guest's root namespace.
+func TestBinaryInGuest(t *testing.T) {
+	kc := os.Getenv(kubeconfigEnv)
+	if kc == "" {
+		t.Skip("runs only inside the guest (TestGuestAPIServer boots it)")
+	}
+	if _, err := os.Stat("/miniproxy"); err != nil {
+		t.Skip("skipping: no static miniproxy binary was put in the guest")
+	}
+	client, u := guestClient(t, kc)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	l := glab.New(t, 3)
+	nsName, nodeName := objects(t, ctx, client, "bin")
+
+	var ln net.Listener
+	glab.Must(t, glab.In(l.Node, func() error {
+		var err error
+		ln, err = net.Listen("tcp4", "127.0.0.1:6443")
+		return err
+	}), "apiserver forwarder")
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				up, err := net.DialTimeout("tcp", net.JoinHostPort(guest.GuestHostIP, u.Port()), 10*time.Second)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go func() { _, _ = io.Copy(up, c); up.Close() }()
+				_, _ = io.Copy(c, up)
+			}()
+		}
+	}()
+	kcfg, err := clientcmd.LoadFromFile(kc)
+	glab.Must(t, err, "load kubeconfig")
+	for _, c := range kcfg.Clusters {
+		c.Server = "https://127.0.0.1:6443"
+		c.TLSServerName = u.Hostname()
+	}
+	nodeKC := filepath.Join(t.TempDir(), "node.kubeconfig")
+	glab.Must(t, clientcmd.WriteToFile(*kcfg, nodeKC), "write node kubeconfig")
+
+	var logs bytes.Buffer
+	cmd := exec.Command("/miniproxy", "--kubeconfig", nodeKC, "--proxy-mode", "ipvs",
+		"--hostname-override", nodeName, "--cluster-cidr", glab.ClusterNet,
+		"--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249")
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	// Started from a thread inside the node namespace, so the child is
+	// born there (fork inherits the calling thread's namespace).
+	glab.Must(t, glab.In(l.Node, cmd.Start), "start miniproxy")
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		if t.Failed() {
+			out := logs.String()
+			if len(out) > 4000 {
+				out = out[len(out)-4000:]
+			}
+			t.Logf("miniproxy log:\n%s", out)
+		}
+	}()
+	runCases(t, &api{ctx: ctx, c: client, ns: nsName, node: nodeName, lab: l})
+}
+
+// runCases exercises one node whose proxy (in-process or the binary) is
+// already watching the apiserver.
+func runCases(t *testing.T, a *api) {
+	l, client, ctx, nsName := a.lab, a.c, a.ctx, a.ns
+	a.t = t
 	t.Run("ClusterIP", func(t *testing.T) {
 		a.t = t
 		start := time.Now()
