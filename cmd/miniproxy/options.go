@@ -39,6 +39,7 @@ type Options struct {
 	IPVSScheduler      string
 	IPVSStrictARP      bool
 	ConntrackCleanup   bool
+	Profiling          bool
 
 	// Derived by validate.
 	proxyConfig proxy.Config
@@ -78,6 +79,7 @@ func parseOptions(args []string) (*Options, error) {
 	fs.BoolVar(&o.LocalhostNodePorts, "iptables-localhost-nodeports", true, "accept NodePort connections on 127.0.0.1 (iptables mode, IPv4)")
 	fs.StringVar(&o.IPVSScheduler, "ipvs-scheduler", "rr", "IPVS scheduler: rr, wrr, lc, sh or mh")
 	fs.BoolVar(&o.IPVSStrictARP, "ipvs-strict-arp", false, "set arp_ignore/arp_announce so the node does not answer ARP for service IPs (ipvs mode)")
+	fs.BoolVar(&o.Profiling, "profiling", false, "serve /debug/pprof on the metrics address")
 	fs.BoolVar(&o.ConntrackCleanup, "conntrack-cleanup", true, "delete UDP conntrack entries of removed endpoints and services after each sync")
 
 	if err := fs.Parse(args); err != nil {
@@ -165,6 +167,9 @@ func (o *Options) applyConfigFile(fs *pflag.FlagSet) error {
 	}
 	if c.IPTables.LocalhostNodePorts != nil {
 		set("iptables-localhost-nodeports", func() { o.LocalhostNodePorts = *c.IPTables.LocalhostNodePorts })
+	}
+	if c.EnableProfiling {
+		set("profiling", func() { o.Profiling = true })
 	}
 	if c.IPVS.StrictARP {
 		set("ipvs-strict-arp", func() { o.IPVSStrictARP = true })
