@@ -154,6 +154,10 @@ func (e *Env) HandleSignals(before func()) (stop func()) {
 type Cleanups struct {
 	mu    sync.Mutex
 	steps []cleanupStep
+	// running serializes Run: a second caller (the signal handler racing
+	// TestMain) waits until the first has finished instead of returning
+	// while a process is still being stopped.
+	running sync.Mutex
 }
 
 type cleanupStep struct {
@@ -170,6 +174,8 @@ func (c *Cleanups) Add(what string, fn func() error) {
 
 // Run pops and runs all steps, newest first.
 func (c *Cleanups) Run(log func(string, ...any)) error {
+	c.running.Lock()
+	defer c.running.Unlock()
 	var errs []error
 	for {
 		c.mu.Lock()
