@@ -2,7 +2,7 @@
 # Runs the tests that need a kernel this host lacks (IPVS, dummy) inside a
 # qemu guest, and prints their results as ordinary `go test` subtests.
 #
-#   test/guest/run.sh            # IPVS guest suite + the runner's self test
+#   test/guest/run.sh            # IPVS guest suite, runner self test, apiserver-driven guest (needs make build + hack/provision.sh, else skips)
 #   test/guest/run.sh --install  # first apt-get install qemu-system-x86 busybox-static xz-utils
 #
 # The kernel package is fetched once into ${MINIPROXY_CACHE:-/var/cache/miniproxy}/guest.
@@ -13,4 +13,4 @@ if [[ "${1:-}" == "--install" ]]; then
 	shift
 	apt-get install -y --no-install-recommends qemu-system-x86 busybox-static xz-utils
 fi
-exec go test -count=1 -v -run '^(TestGuest|TestGuestSelf)$' ./pkg/ipvs ./test/guest "$@"
+exec go test -count=1 -v -run '^(TestGuest|TestGuestSelf|TestGuestAPIServer)$' ./pkg/ipvs ./test/guest/... "$@"

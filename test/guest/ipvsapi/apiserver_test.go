@@ -67,7 +67,6 @@ var features = map[string]string{
 	"NodePort":         "NodePort through the apiserver",
 	"SessionAffinity":  "sessionAffinity ClientIP through the apiserver",
 	"ServiceDeleted":   "deleted Service is removed from IPVS",
-	"ProgrammingDelay": "first programming after Service create",
 }
 
 // TestGuestAPIServer is the host side: control plane up, guest booted inside
