@@ -61,12 +61,12 @@ type report struct {
 }
 
 var features = map[string]string{
-	"ClusterIP":        "ClusterIP through the apiserver (watch → model → IPVS)",
-	"UDP":              "UDP Service through the apiserver",
-	"EndpointChange":   "endpoint change propagation through the apiserver",
-	"NodePort":         "NodePort through the apiserver",
-	"SessionAffinity":  "sessionAffinity ClientIP through the apiserver",
-	"ServiceDeleted":   "deleted Service is removed from IPVS",
+	"ClusterIP":       "ClusterIP through the apiserver (watch → model → IPVS)",
+	"UDP":             "UDP Service through the apiserver",
+	"EndpointChange":  "endpoint change propagation through the apiserver",
+	"NodePort":        "NodePort through the apiserver",
+	"SessionAffinity": "sessionAffinity ClientIP through the apiserver",
+	"ServiceDeleted":  "deleted Service is removed from IPVS",
 }
 
 // TestGuestAPIServer is the host side: control plane up, guest booted inside
