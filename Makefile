@@ -5,17 +5,24 @@ export MINIPROXY_CACHE ?= /var/cache/miniproxy
 BIN := $(CURDIR)/bin
 STATICCHECK_VERSION := v0.7.0
 
-.PHONY: build test unit e2e lab bench bench-quick lint provision clean
+.PHONY: build test unit e2e guest lab bench bench-quick lint provision clean
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
+# -short: unit tests never boot the qemu guest; `make guest` does.
 unit:
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test/e2e)
+	$(GO) test -short -count=1 $$($(GO) list ./... | grep -v /test/e2e)
 
+# e2e: the namespace cluster against a real apiserver (iptables, nftables),
+# then the IPVS cases inside a qemu guest with an IPVS kernel.
 e2e: build
 	bash hack/provision.sh
 	$(GO) test -count=1 -v -timeout 40m ./test/e2e/...
+	$(MAKE) guest
+
+guest: build
+	bash test/guest/run.sh
 
 test: unit e2e
 
