@@ -64,6 +64,9 @@ func run(args []string) int {
 		log.Error("cannot start the proxy backend", "mode", o.Mode, "err", err)
 		return 1
 	}
+	if c, ok := backend.(interface{ Close() error }); ok {
+		defer c.Close()
+	}
 	if err := serve(ctx, log, o, backend); err != nil {
 		log.Error("miniproxy stopped", "err", err)
 		return 1
