@@ -18,7 +18,7 @@ unit:
 # then the IPVS cases inside a qemu guest with an IPVS kernel.
 e2e: build
 	bash hack/provision.sh
-	$(GO) test -count=1 -v -timeout 40m ./test/e2e/...
+	MINIPROXY_E2E_MODES=$${MINIPROXY_E2E_MODES:-iptables,nftables} $(GO) test -count=1 -v -timeout 40m ./test/e2e/...
 	$(MAKE) guest
 
 guest: build
