@@ -247,24 +247,16 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 	fwChain := "firewall-" + h + "-" + id
 	port := uint16(sp.Port)
 
-	// Endpoint chains exist for every endpoint some cascade can pick:
-	// the model's All, plus the cluster-wide ones that pods and the node
-	// reach through an ETP=Local external address.
+	// Affinity sets exist for every endpoint some cascade can pick: the
+	// model's All, plus the cluster-wide ones that pods and the node reach
+	// through an ETP=Local external address.
 	targets := all
 	if sp.ExternalPolicyLocal && sp.HasExternal() {
 		targets = unionEndpoints(all, cluster)
 	}
-	epChain := map[netip.AddrPort]string{}
 	affSet := map[netip.AddrPort]string{}
-	for _, ep := range targets {
-		eh := model.ShortHash(fmt.Sprint(r.f), sp.Name.String(), ep.String())[:8]
-		suffix := eh + "-" + id + "__" + ep.IP.String() + "/" + fmt.Sprint(ep.Port)
-		epChain[ep.AddrPort()] = "endpoint-" + suffix
-		c := &Chain{Name: epChain[ep.AddrPort()]}
-		// Hairpin: a pod reaching itself through the VIP must be
-		// masqueraded or its reply would bypass conntrack's reverse NAT.
-		c.Rules = append(c.Rules, rule(MatchAddr{Src: true, Prefix: hostPrefix(ep.IP)}, jump(ChainMarkForMasq)))
-		if sp.AffinitySeconds > 0 {
+	if sp.AffinitySeconds > 0 {
+		for _, ep := range targets {
 			// The timeout is part of the set's identity (a set's
 			// timeout cannot be changed in place), so a new timeout
 			// means a new set name.
@@ -272,30 +264,54 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 			affSet[ep.AddrPort()] = "affinity-" + ah + "-" + id + "__" + ep.IP.String() + "/" + fmt.Sprint(ep.Port)
 			so.Sets = append(so.Sets, &Set{Name: affSet[ep.AddrPort()], Key: KeyAddr,
 				Timeout: time.Duration(sp.AffinitySeconds) * time.Second})
-			c.Rules = append(c.Rules, rule(UpdateSaddr{Set: affSet[ep.AddrPort()]}))
 		}
-		c.Rules = append(c.Rules, rule(MatchL4Proto{Proto: sp.Protocol}, DNAT{To: ep.AddrPort()}))
-		so.Chains = append(so.Chains, c)
+	}
+	mark := r.cfg.MarkMasq()
+
+	// pick returns the rules that send the packet to ep when choice
+	// matches: the DNAT is inline, with no per-endpoint chain, so the
+	// kernel's table validation (run on every commit that adds a rule
+	// with a NAT, mark or jump expression) walks one chain per Service
+	// instead of one per endpoint, and a cold start sends a third fewer
+	// messages. Hairpin (a pod reaching itself through the VIP must be
+	// masqueraded, or its reply would bypass conntrack's reverse NAT)
+	// needs the mark only when saddr is this endpoint, so the rule is
+	// split on saddr == ep / != ep before choice: exactly one of the two
+	// evaluates choice, which keeps numgen's probabilities exact.
+	pick := func(choice []Expr, ep model.Endpoint) []Rule {
+		var out []Rule
+		for _, hairpin := range []bool{true, false} {
+			r := Rule{MatchAddr{Src: true, Prefix: hostPrefix(ep.IP), Neg: !hairpin}, MatchL4Proto{Proto: sp.Protocol}}
+			r = append(r, choice...)
+			if hairpin {
+				r = append(r, SetMark{Bits: mark})
+			}
+			if s, ok := affSet[ep.AddrPort()]; ok {
+				r = append(r, UpdateSaddr{Set: s})
+			}
+			out = append(out, append(r, DNAT{To: ep.AddrPort()}))
+		}
+		return out
 	}
 
 	// cascade picks one of eps: affinity first (a client seen recently
 	// goes back to the same endpoint), then numgen with probability
-	// 1/n, 1/(n-1), … so every endpoint is equally likely. One rule per
-	// endpoint instead of an inline anonymous vmap per Service keeps the
+	// 1/n, 1/(n-1), … so every endpoint is equally likely. Rules per
+	// endpoint instead of an inline anonymous vmap per Service keep the
 	// kernel's load time linear and small (DESIGN.md facts).
 	cascade := func(eps []model.Endpoint) []Rule {
 		var out []Rule
 		if sp.AffinitySeconds > 0 {
 			for _, ep := range eps {
-				out = append(out, rule(MatchSaddrInSet{Set: affSet[ep.AddrPort()]}, gotoV(epChain[ep.AddrPort()])))
+				out = append(out, pick([]Expr{MatchSaddrInSet{Set: affSet[ep.AddrPort()]}}, ep)...)
 			}
 		}
 		for i, ep := range eps {
+			var choice []Expr
 			if n := len(eps) - i; n > 1 {
-				out = append(out, rule(MatchNumgen{Mod: uint32(n)}, gotoV(epChain[ep.AddrPort()])))
-			} else {
-				out = append(out, rule(gotoV(epChain[ep.AddrPort()])))
+				choice = []Expr{MatchNumgen{Mod: uint32(n)}}
 			}
+			out = append(out, pick(choice, ep)...)
 		}
 		return out
 	}
