@@ -91,7 +91,7 @@ func TestClusterIP(t *testing.T) {
 				want := f.dep.PodNames()
 				for _, client := range f.clients {
 					row.Note("waiting for " + client.Name + " to reach all endpoints via " + addr)
-					got, err := waitExactly(ctx, proto, client, addr, want, 60*time.Second)
+					got, err := waitExactly(ctx, proto, client, addr, want, 90*time.Second)
 					if err != nil {
 						t.Fatalf("%s %s from %s (node %s): want exactly %v, last probe %v: %v", proto, addr, client.Name, client.Node.Name, want, got, err)
 					}
@@ -139,7 +139,7 @@ func TestScale(t *testing.T) {
 				t.Fatal(err)
 			}
 			want := f.dep.PodNames()
-			got, err := waitExactly(ctx, "tcp", client, addr, want, 60*time.Second)
+			got, err := waitExactly(ctx, "tcp", client, addr, want, 90*time.Second)
 			if err != nil {
 				t.Fatalf("after scaling to %d: want exactly %v, last probe %v: %v", n, want, got, err)
 			}
@@ -159,7 +159,7 @@ func TestDeleteService(t *testing.T) {
 		addr := framework.VIP(f.svc, "tcp")
 		client := f.clients[0]
 		row.Note("waiting for the VIP to work")
-		if got, err := waitExactly(ctx, "tcp", client, addr, f.dep.PodNames(), 60*time.Second); err != nil {
+		if got, err := waitExactly(ctx, "tcp", client, addr, f.dep.PodNames(), 90*time.Second); err != nil {
 			t.Fatalf("VIP %s never worked: %v: %v", addr, got, err)
 		}
 		vip := f.svc.Spec.ClusterIP
@@ -208,7 +208,7 @@ func TestRestart(t *testing.T) {
 		f := newFixture(t, ctx, me, "restart", 2)
 		addr := framework.VIP(f.svc, "tcp")
 		client := f.clients[0]
-		if got, err := waitExactly(ctx, "tcp", client, addr, f.dep.PodNames(), 60*time.Second); err != nil {
+		if got, err := waitExactly(ctx, "tcp", client, addr, f.dep.PodNames(), 90*time.Second); err != nil {
 			t.Fatalf("VIP %s never worked: %v: %v", addr, got, err)
 		}
 		conn, err := client.DialTCP(ctx, addr)
@@ -274,6 +274,27 @@ func TestRestart(t *testing.T) {
 			t.Errorf("no probe completed during the restart")
 		}
 		t.Logf("probes during restart: %v", probes)
+		row.Note("")
+	})
+}
+
+// TestHairpin: a pod reaches itself through its Service's VIP (needs
+// hairpin mode on the bridge port, set by the test bed like a CNI, and
+// masquerade of hairpin traffic by the proxy).
+func TestHairpin(t *testing.T) {
+	suite.ForEachMode(t, "ClusterIP hairpin (pod to itself via VIP)", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		f := newFixture(t, ctx, me, "hairpin", 1)
+		pod := f.dep.Pods()[0]
+		for _, proto := range []string{"tcp", "udp"} {
+			addr := framework.VIP(f.svc, proto)
+			row.Note("waiting for " + pod.Name + " to reach itself via " + addr + "/" + proto)
+			got, err := waitExactly(ctx, proto, pod, addr, []string{pod.Name}, 90*time.Second)
+			if err != nil {
+				t.Fatalf("%s: pod %s via %s: last probe %v: %v", proto, pod.Name, addr, got, err)
+			}
+		}
 		row.Note("")
 	})
 }

@@ -193,7 +193,7 @@ func (cp *ControlPlane) startEtcd(ctx context.Context, e *Env) error {
 	cp.procs = append(cp.procs, p)
 	e.Defer("stop etcd", func() error { return p.Stop(10 * time.Second) })
 	hc := &http.Client{Transport: &http.Transport{DialContext: cp.NS.DialContext}, Timeout: 2 * time.Second}
-	err = poll(ctx, 30*time.Second, 100*time.Millisecond, func() (bool, error) {
+	err = poll(ctx, 60*time.Second, 100*time.Millisecond, func() (bool, error) {
 		if exited, werr := p.Exited(); exited {
 			return false, fmt.Errorf("etcd exited: %v\n%s", werr, p.Logs(4000))
 		}
@@ -271,7 +271,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, e *Env) error {
 
 	rc := cp.Admin.Discovery().RESTClient()
 	var last string
-	err = poll(ctx, 120*time.Second, 250*time.Millisecond, func() (bool, error) {
+	err = poll(ctx, 180*time.Second, 250*time.Millisecond, func() (bool, error) {
 		if exited, werr := p.Exited(); exited {
 			return false, fmt.Errorf("kube-apiserver exited: %v", werr)
 		}

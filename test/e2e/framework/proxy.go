@@ -58,7 +58,7 @@ func (p *Proxy) start(ctx context.Context) error {
 		return err
 	}
 	p.proc = proc
-	return p.WaitHealthy(ctx, 60*time.Second)
+	return p.WaitHealthy(ctx, 120*time.Second)
 }
 
 // WaitHealthy polls /healthz inside the node namespace until it returns 200.

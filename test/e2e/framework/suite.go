@@ -114,7 +114,7 @@ func (s *Suite) Cluster(t testing.TB, row *Row) *Cluster {
 			return
 		}
 		s.stopSignals = s.env.HandleSignals(func() { _ = s.writeMatrix() })
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
 		s.cluster, s.setupErr = StartCluster(ctx, s.env)
 	})
@@ -138,7 +138,7 @@ func (s *Suite) Mode(t testing.TB, row *Row, mode string) *ModeEnv {
 	if !ok {
 		me = &ModeEnv{Mode: mode, Cluster: c}
 		s.modes[mode] = me
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		me.err = me.setup(ctx, s.NodesPerMode)
 		cancel()
 	}
