@@ -79,7 +79,12 @@ func staleUDP(t *testing.T, ctx context.Context, me *framework.ModeEnv, row *fra
 	}
 	start := time.Now()
 	deadline := start.Add(window)
+	// Paced: a datagram every 100 ms (or after each 300 ms read timeout),
+	// like a client that keeps talking; every one refreshes the flow.
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
 	for time.Now().Before(deadline) {
+		<-tick.C
 		got, err := flow.Ask(300 * time.Millisecond)
 		if err != nil {
 			got = "(no answer)"
