@@ -110,18 +110,23 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := newCapture()
-			if err != nil {
-				errs[w] = err
-				return
-			}
+			encs := map[model.Family]*ruleEncoder{}
 			for i := w; i < len(jobs); i += workers {
-				if err := emitRules(c.conn, jobs[i].family, jobs[i].chain); err != nil {
-					errs[w] = err
-					return
+				j := jobs[i]
+				enc := encs[j.family]
+				if enc == nil {
+					enc = newRuleEncoder(j.family)
+					encs[j.family] = enc
+				}
+				for _, r := range j.chain.Rules {
+					m, err := enc.rule(j.chain.Name, r)
+					if err != nil {
+						errs[w] = err
+						return
+					}
+					parts[w] = append(parts[w], m)
 				}
 			}
-			parts[w], errs[w] = c.messages()
 		}()
 	}
 	wg.Wait()
@@ -214,20 +219,6 @@ func (p *plan) emitHead(c *gnft.Conn) error {
 
 func (p *plan) table() *gnft.Table {
 	return &gnft.Table{Name: rs.TableName, Family: tableFamily(p.family)}
-}
-
-// emitRules queues the rules of one chain.
-func emitRules(c *gnft.Conn, f model.Family, ch *rs.Chain) error {
-	t := &gnft.Table{Name: rs.TableName, Family: tableFamily(f)}
-	gc := &gnft.Chain{Name: ch.Name, Table: t}
-	for _, r := range ch.Rules {
-		ex, err := ruleExprs(f, r)
-		if err != nil {
-			return fmt.Errorf("chain %s: %w", ch.Name, err)
-		}
-		c.AddRule(&gnft.Rule{Table: t, Chain: gc, Exprs: ex})
-	}
-	return nil
 }
 
 // emitTail queues element changes, then deletions of stale chains and sets,

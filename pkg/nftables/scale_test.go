@@ -60,6 +60,27 @@ func changeOne(s *model.Snapshot, gen int) *model.Snapshot {
 	return next
 }
 
+// addOne returns a snapshot equal to s plus one new ClusterIP Service with
+// three endpoints.
+func addOne(s *model.Snapshot, gen int) *model.Snapshot {
+	next := fixture.Snap()
+	for k, v := range s.Services {
+		next.Services[k] = v
+	}
+	sp := &model.ServicePort{
+		Name:       model.ServicePortName{Namespace: "scale", Name: fmt.Sprintf("added-%d", gen), Protocol: model.TCP},
+		ClusterIPs: []netip.Addr{netip.AddrFrom4([4]byte{172, 31, byte(gen >> 8), byte(gen)})}, Port: 80, Protocol: model.TCP,
+	}
+	for j := 0; j < 3; j++ {
+		sp.Endpoints = append(sp.Endpoints, model.Endpoint{
+			IP:   netip.AddrFrom4([4]byte{10, 251, byte(gen), byte(j)}),
+			Port: 8080, Ready: true, Serving: true, NodeName: "node-b",
+		})
+	}
+	next.Services[sp.Name] = sp
+	return next
+}
+
 func scaleConfig() proxy.Config {
 	return proxy.Config{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}}
 }
@@ -120,6 +141,8 @@ func BenchmarkEndpointChange(b *testing.B) {
 type scaleRow struct {
 	services, eps                  int
 	render, cold, change, full     time.Duration
+	add                            time.Duration
+	addMsgs                        int
 	fullClean                      time.Duration
 	coldMsgs, changeMsgs, fullMsgs int
 	listTable                      time.Duration
@@ -135,7 +158,11 @@ func TestScaleReport(t *testing.T) {
 	}
 	loadBefore := loadavg()
 	var rows []scaleRow
-	for _, c := range []struct{ n, eps int }{{1000, 3}, {10000, 3}, {10000, 5}, {30000, 3}} {
+	sizes := []struct{ n, eps int }{{1000, 3}, {10000, 3}, {10000, 5}, {30000, 3}}
+	if os.Getenv("MINIPROXY_BENCH_QUICK") != "" {
+		sizes = sizes[:2]
+	}
+	for _, c := range sizes {
 		rows = append(rows, measureScale(t, c.n, c.eps))
 	}
 	var b strings.Builder
@@ -146,17 +173,19 @@ func TestScaleReport(t *testing.T) {
 	b.WriteString("figures include contention; compare rows with each other.\n\n")
 	b.WriteString("ClusterIP Services (every 10th also a NodePort, up to 2,000), TCP, endpoints as given, ClusterCIDR detector;\n")
 	b.WriteString("applied through netlink into a fresh network namespace. One batch per sync.\n\n")
-	b.WriteString("| Services × endpoints | render (pure) | cold start (first sync) | messages | one endpoint change | messages | full sync, no commit since ours | full sync after a foreign commit (list + compare) | messages | `nft list table` |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| Services × endpoints | render (pure) | cold start (first sync) | messages | one endpoint change | messages | one Service added | messages | full sync, no commit since ours | full sync after a foreign commit (list + compare) | messages | `nft list table` |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		fmt.Fprintf(&b, "| %d × %d | %s | %s | %d | %s | %d | %s | %s | %d | %s |\n", r.services, r.eps,
+		fmt.Fprintf(&b, "| %d × %d | %s | %s | %d | %s | %d | %s | %d | %s | %s | %d | %s |\n", r.services, r.eps,
 			r.render.Round(time.Millisecond), r.cold.Round(time.Millisecond), r.coldMsgs,
-			r.change.Round(100*time.Microsecond), r.changeMsgs, r.fullClean.Round(100*time.Microsecond),
+			r.change.Round(100*time.Microsecond), r.changeMsgs,
+			r.add.Round(100*time.Microsecond), r.addMsgs, r.fullClean.Round(100*time.Microsecond),
 			r.full.Round(time.Millisecond), r.fullMsgs,
 			listString(r.listTable))
 	}
 	b.WriteString("\n- *cold start*: render + one netlink batch creating the tables, all chains, rules and map elements (best of 3).\n")
 	b.WriteString("- *one endpoint change*: incremental Sync after one Service's endpoint changed (median of 5): only its chains and map elements are sent.\n")
+	b.WriteString("- *one Service added*: incremental Sync after one new ClusterIP Service with 3 endpoints appeared (median of 5).\n")
 	b.WriteString("- *full sync, no commit since ours*: the periodic reconcile when the namespace's nf_tables generation is still the one our last batch produced: nothing to read.\n")
 	b.WriteString("- *full sync after a foreign commit*: list tables, chains, sets and map elements, read the rules of the static chains and of a rotating window of 4,000 other chains (one dump per chain), compare, send nothing (nothing drifted). A single whole-table rule dump took 7 min 13 s at 30k Services (the kernel restarts its walk for every reply buffer), hence the window.\n")
 	b.WriteString("- *`nft list table`*: Debian nft 1.0.6 reading the table back (for operators; not on the sync path).\n")
@@ -216,6 +245,19 @@ func measureScale(t *testing.T, n, eps int) scaleRow {
 	}
 	r.change = median(changes)
 
+	var adds []time.Duration
+	for i := 0; i < 5; i++ {
+		cur = addOne(cur, i+1)
+		start = time.Now()
+		res, err := be.Sync(ctx, cur, false)
+		if err != nil {
+			t.Fatalf("%d services: add: %v", n, err)
+		}
+		adds = append(adds, time.Since(start))
+		r.addMsgs = res.Rules
+	}
+	r.add = median(adds)
+
 	start = time.Now()
 	if _, err := be.Sync(ctx, cur, true); err != nil {
 		t.Fatalf("%d services: full sync: %v", n, err)
@@ -248,8 +290,8 @@ func measureScale(t *testing.T, n, eps int) scaleRow {
 	if err := be.Cleanup(ctx); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("%d×%d: render %v cold %v (%d msgs) change %v (%d msgs) full-clean %v full %v (%d msgs) list %v",
-		n, eps, r.render, r.cold, r.coldMsgs, r.change, r.changeMsgs, r.fullClean, r.full, r.fullMsgs, r.listTable)
+	t.Logf("%d×%d: render %v cold %v (%d msgs) change %v (%d msgs) add %v (%d msgs) full-clean %v full %v (%d msgs) list %v",
+		n, eps, r.render, r.cold, r.coldMsgs, r.change, r.changeMsgs, r.add, r.addMsgs, r.fullClean, r.full, r.fullMsgs, r.listTable)
 	return r
 }
 
