@@ -26,8 +26,9 @@ type extSvc struct {
 
 // newExtSvc creates a namespace, the Service (framework.ClusterIPService
 // changed by mutate) and replicas pods placed round robin over nodes.
-func newExtSvc(t *testing.T, ctx context.Context, c *framework.Cluster, name string, replicas int, nodes []*framework.Node, mutate func(*corev1.Service)) *extSvc {
+func newExtSvc(t *testing.T, ctx context.Context, me *framework.ModeEnv, name string, replicas int, nodes []*framework.Node, mutate func(*corev1.Service)) *extSvc {
 	t.Helper()
+	c := me.Cluster
 	ns, err := c.NewNamespace(ctx, name)
 	if err != nil {
 		t.Fatal(err)
@@ -49,6 +50,20 @@ func newExtSvc(t *testing.T, ctx context.Context, c *framework.Cluster, name str
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		_ = c.DeleteService(ctx, ns, name)
+	})
+	// Registered after the deletion above, so it runs first: the rules are
+	// dumped while the Service still exists (ForEachMode's own dump runs
+	// after every cleanup of the test).
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		for _, n := range me.Nodes {
+			rules, err := n.Rules(ctx, me.Mode)
+			t.Logf("--- rules on %s while %s/%s exists (err=%v) ---\n%s", n.Name, ns, name, err, rules)
+		}
 	})
 	return &extSvc{ns: ns, svc: svc, dep: dep}
 }
@@ -152,6 +167,38 @@ func extRulesMention(ctx context.Context, n *framework.Node, mode, s string, wan
 	return rules, err
 }
 
+// extUpstreamName is what "the rest of the network" answers with.
+const extUpstreamName = "upstream-network"
+
+// extUpstream makes shared off-cluster client 9 the real owner of addr (like
+// the load balancer itself, or whatever a node's default route leads to),
+// answering TCP on the Service port with extUpstreamName, and routes addr
+// to it from each of nodes. A connection to addr that no proxy rule
+// captures is then answered by the upstream instead of failing in a way that
+// depends on ICMP rate limits, so "untouched", "dropped" and "proxied" are
+// three distinct, deterministic results.
+func extUpstream(t *testing.T, ctx context.Context, c *framework.Cluster, addr netip.Addr, nodes ...*framework.Node) {
+	t.Helper()
+	up := extClient(t, ctx, c, 9)
+	undoAddr, err := up.Own(ctx, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = undoAddr() })
+	stop, err := up.ServeName(framework.SvcPort, extUpstreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stop() })
+	for _, n := range nodes {
+		undo, err := framework.RouteIn(ctx, n.NS, netip.PrefixFrom(addr, addr.BitLen()), up.IP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = undo() })
+	}
+}
+
 func extHostPort(a netip.Addr, port int) string {
 	return netip.AddrPortFrom(a, uint16(port)).String()
 }
@@ -179,7 +226,7 @@ func TestNodePort(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
 		c := me.Cluster
-		s := newExtSvc(t, ctx, c, "np", 3, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeNodePort })
+		s := newExtSvc(t, ctx, me, "np", 3, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeNodePort })
 		np := s.nodePort(t, "tcp")
 		x := extClient(t, ctx, c, 0)
 		want := s.dep.PodNames()
@@ -239,7 +286,7 @@ func TestNodePortAddresses(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := newExtSvc(t, ctx, c, "npa", 2, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeNodePort })
+		s := newExtSvc(t, ctx, me, "npa", 2, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeNodePort })
 		np := s.nodePort(t, "tcp")
 		x := extClient(t, ctx, c, 0)
 		want := s.dep.PodNames()
@@ -276,8 +323,7 @@ func TestNodePortLocalhost(t *testing.T) {
 	suite.ForEachMode(t, "NodePort on 127.0.0.1 from the node (route_localnet guard)", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
-		c := me.Cluster
-		s := newExtSvc(t, ctx, c, "nplo", 2, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeNodePort })
+		s := newExtSvc(t, ctx, me, "nplo", 2, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeNodePort })
 		np := s.nodePort(t, "tcp")
 		node := me.Nodes[0]
 		lo := extHostPort(netip.MustParseAddr("127.0.0.1"), np)
@@ -332,7 +378,7 @@ func TestExternalIPs(t *testing.T) {
 		defer cancel()
 		c := me.Cluster
 		eip := extTestIP(me.Mode, netip.MustParseAddr("192.0.2.10"), 0)
-		s := newExtSvc(t, ctx, c, "eip", 3, me.Nodes, func(svc *corev1.Service) { svc.Spec.ExternalIPs = []string{eip.String()} })
+		s := newExtSvc(t, ctx, me, "eip", 3, me.Nodes, func(svc *corev1.Service) { svc.Spec.ExternalIPs = []string{eip.String()} })
 		x := extClient(t, ctx, c, 0)
 		want := s.dep.PodNames()
 		addr := extHostPort(eip, framework.SvcPort)
@@ -358,7 +404,8 @@ func TestLoadBalancerIngress(t *testing.T) {
 		defer cancel()
 		c := me.Cluster
 		lbIP := extTestIP(me.Mode, netip.MustParseAddr("198.51.100.10"), 0)
-		s := newExtSvc(t, ctx, c, "lb", 2, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeLoadBalancer })
+		s := newExtSvc(t, ctx, me, "lb", 2, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeLoadBalancer })
+		extUpstream(t, ctx, c, lbIP, me.Nodes...)
 		if _, err := c.SetLoadBalancerIngress(ctx, s.ns, s.svc.Name, nil, lbIP); err != nil {
 			t.Fatal(err)
 		}
@@ -385,12 +432,12 @@ func TestLoadBalancerIngress(t *testing.T) {
 				t.Fatalf("node %s still has rules for LB IP %s after ipMode: Proxy: %v\n%s", n.Name, lbIP, err, rules)
 			}
 		}
-		// The route still points at the last node: a packet for the LB IP
-		// reaches it, no rule captures it, and the node has no route for it,
-		// so the client gets an ICMP unreachable instead of an endpoint.
+		// The client's route still points at the last node, which routes the
+		// IP on to its real owner: uncaptured traffic must arrive there.
 		last := me.Nodes[len(me.Nodes)-1]
-		extExpectAll(t, ctx, x.NS, addr, framework.Unreachable, 2*time.Second,
-			fmt.Sprintf("LB IP %s with ipMode: Proxy via %s (must not be proxied)", addr, last.Name))
+		if got, err := extWaitExactly(ctx, x.NS, addr, []string{extUpstreamName}, 30*time.Second); err != nil {
+			t.Fatalf("LB IP %s with ipMode: Proxy via %s: want every connection to reach the real load balancer (%s) untouched, last %v: %v", addr, last.Name, extUpstreamName, got, err)
+		}
 		row.Note("")
 	})
 }
@@ -406,7 +453,7 @@ func TestLoadBalancerSourceRanges(t *testing.T) {
 		c := me.Cluster
 		allowed, denied := extClient(t, ctx, c, 0), extClient(t, ctx, c, 1)
 		lbIP := extTestIP(me.Mode, netip.MustParseAddr("198.51.100.10"), 1)
-		s := newExtSvc(t, ctx, c, "lbsr", 2, me.Nodes, func(svc *corev1.Service) {
+		s := newExtSvc(t, ctx, me, "lbsr", 2, me.Nodes, func(svc *corev1.Service) {
 			svc.Spec.Type = corev1.ServiceTypeLoadBalancer
 			svc.Spec.LoadBalancerSourceRanges = []string{netip.PrefixFrom(allowed.IP, 32).String()}
 		})
@@ -416,6 +463,9 @@ func TestLoadBalancerSourceRanges(t *testing.T) {
 		want := s.dep.PodNames()
 		addr := extHostPort(lbIP, framework.SvcPort)
 		node := me.Nodes[0]
+		// Without a drop, the denied client's packets would go on to the
+		// LB IP's owner and be answered by it.
+		extUpstream(t, ctx, c, lbIP, node)
 		extRoute(t, ctx, allowed, lbIP, node)
 		extRoute(t, ctx, denied, lbIP, node)
 
