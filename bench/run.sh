@@ -8,13 +8,35 @@
 #   bash bench/run.sh                  # N = 1,000 and 10,000 (BENCH_N overrides)
 #   BENCH_TIMEOUT=10m                  # bound on one proxy's cold start
 #   BENCH_SKIP_MICRO=1                 # skip micro-benchmarks and profiles
+#   BENCH_REPORT_ONLY=a.json,b.json    # only rebuild latest.md from result files
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 GO=${GO:-go}
 OUT=bench/results
 mkdir -p "$OUT"
+append_micro() {
+	[[ -f $OUT/microbench-latest.txt ]] || return 0
+	{
+		echo
+		echo "## Go micro-benchmarks"
+		echo
+		echo '```'
+		grep -E '^(Benchmark|ok|FAIL|PASS|goos|cpu|pkg|#)' "$OUT/microbench-latest.txt" || true
+		echo '```'
+		echo
+		echo "CPU profiles (top functions): \`bench/results/profiles/*-top.txt\`, \`*-cum.txt\`."
+	} >>"$OUT/latest.md"
+}
 step() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+# BENCH_REPORT_ONLY=a.json,b.json: merge earlier result files into latest.md
+# (e.g. a quick 1k run and a later 10k run) without running anything.
+if [[ -n ${BENCH_REPORT_ONLY:-} ]]; then
+	$GO run ./bench/cmd/mpbench -out "$OUT" -report-from "$BENCH_REPORT_ONLY"
+	append_micro
+	exit 0
+fi
 
 if [[ $(id -u) -ne 0 ]]; then
 	echo "bench: needs root (network namespaces, proxies' rules inside them); run as root" >&2
@@ -26,8 +48,13 @@ $GO build -o bin/ ./cmd/...
 $GO build -o "${TMPDIR:-/tmp}/mpbench" ./bench/cmd/mpbench
 
 step "provision kube-apiserver / kube-proxy ${K8S_VERSION:-v1.37.2}"
-K8S_LINE=$(bash hack/provision.sh | grep '^MINIPROXY_K8S_BIN=' | tail -1)
-export "${K8S_LINE?provision.sh printed no MINIPROXY_K8S_BIN}"
+# provision.sh can exit non-zero after everything is in place (its
+# `kubectl version | head -1` under pipefail may see SIGPIPE); the binaries
+# are checked below instead.
+PROV_OUT=$(bash hack/provision.sh) || echo "bench: warning: hack/provision.sh exited $?; checking the binaries" >&2
+K8S_DIR=$(printf '%s\n' "$PROV_OUT" | sed -n 's/^MINIPROXY_K8S_BIN=//p' | tail -1)
+# The framework's own lookup rule when the line is missing.
+export MINIPROXY_K8S_BIN=${K8S_DIR:-${MINIPROXY_CACHE:-/var/cache/miniproxy}/k8s/current}
 [[ -x $MINIPROXY_K8S_BIN/kube-proxy ]] || { echo "bench: $MINIPROXY_K8S_BIN/kube-proxy missing" >&2; exit 1; }
 
 ARGS=(-out "$OUT" -timeout "${BENCH_TIMEOUT:-10m}")
@@ -74,20 +101,11 @@ profile() { # pkg bench name
 	else
 		echo "profile $name failed" >"$PROF/$name-top.txt"
 	fi
-	rm -f "$PROF/$name.test"
+	rm -f "$PROF/$name.test" "$PROF/$name.pprof"
 }
 profile ./pkg/iptables BenchmarkRenderFull10k iptables-render-10k
 profile ./pkg/iptables BenchmarkRenderOneChange iptables-render-one-change
 profile ./pkg/nftables BenchmarkRender10k nftables-render-10k
 
-{
-	echo
-	echo "## Go micro-benchmarks"
-	echo
-	echo '```'
-	grep -E '^(Benchmark|ok|FAIL|PASS|goos|cpu|pkg|#)' "$MICRO" || true
-	echo '```'
-	echo
-	echo "CPU profiles (top functions): \`bench/results/profiles/*-top.txt\`."
-} >>"$OUT/latest.md"
+append_micro
 step "done: $OUT/latest.md"

@@ -24,6 +24,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -108,7 +109,15 @@ func main() {
 	flag.StringVar(&o.out, "out", "bench/results", "results directory")
 	flag.BoolVar(&o.quick, "quick", os.Getenv("QUICK") == "1", "N = 1,000 only (env QUICK=1)")
 	flag.StringVar(&o.skipReason, "skip-note", "", "note on N values left out, written to the results")
+	merge := flag.String("report-from", "", "comma-separated result JSON files: merge their runs and only write the report")
 	flag.Parse()
+	if *merge != "" {
+		if err := reportFrom(o.out, strings.Split(*merge, ",")); err != nil {
+			fmt.Fprintf(os.Stderr, "mpbench: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if o.quick {
 		ns = "1000"
 	}
@@ -355,4 +364,52 @@ func benchOne(ctx context.Context, o options, cs kubernetes.Interface, node *fra
 		}
 	}
 	return r
+}
+
+// reportFrom merges the runs of several result files (e.g. a quick 1k run and
+// a later 10k run) into one report; later files win for the same proxy,
+// mode and N.
+func reportFrom(out string, files []string) error {
+	var merged *Result
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", f, err)
+		}
+		var r Result
+		if err := json.Unmarshal(b, &r); err != nil {
+			return fmt.Errorf("parse %s: %w", f, err)
+		}
+		if merged == nil {
+			merged = &r
+			continue
+		}
+		for _, run := range r.Runs {
+			replaced := false
+			for i := range merged.Runs {
+				m := &merged.Runs[i]
+				if m.Impl == run.Impl && m.Mode == run.Mode && m.N == run.N {
+					*m, replaced = run, true
+				}
+			}
+			if !replaced {
+				merged.Runs = append(merged.Runs, run)
+			}
+		}
+		for _, n := range r.Ns {
+			if !slices.Contains(merged.Ns, n) {
+				merged.Ns = append(merged.Ns, n)
+			}
+		}
+		slices.Sort(merged.Ns)
+		merged.Create = append(merged.Create, r.Create...)
+		merged.Notes = append(merged.Notes, r.Notes...)
+		merged.Quick = merged.Quick && r.Quick
+		merged.LoadAfter = r.LoadAfter
+		merged.Notes = append(merged.Notes, fmt.Sprintf("merged from %s (run %s, load %s → %s)", filepath.Base(f), r.Date.Format("15:04 UTC"), r.LoadBefore, r.LoadAfter))
+	}
+	if merged == nil {
+		return errors.New("no result files")
+	}
+	return writeReport(out, merged, strings.Join(files, ", "))
 }

@@ -144,12 +144,22 @@ func (p *proc) metrics(ctx context.Context) (map[string]float64, error) {
 		if !strings.HasPrefix(line, "kubeproxy_") && !strings.HasPrefix(line, "process_") {
 			continue
 		}
-		f := strings.Fields(line)
-		if len(f) < 2 || strings.Contains(f[0], "{") {
+		// kube-proxy runs both families by default and labels its series
+		// with ip_family; the bench Services are IPv4, so IPv6 series are
+		// left out and the remaining label sets of a name are added up.
+		if strings.Contains(line, `ip_family="IPv6"`) {
 			continue
 		}
-		if v, err := strconv.ParseFloat(f[1], 64); err == nil {
-			out[f[0]] = v
+		i := strings.LastIndexByte(line, ' ')
+		if i < 0 {
+			continue
+		}
+		name := line[:i]
+		if j := strings.IndexByte(name, '{'); j >= 0 {
+			name = name[:j]
+		}
+		if v, err := strconv.ParseFloat(strings.TrimSpace(line[i+1:]), 64); err == nil {
+			out[name] += v
 		}
 	}
 	return out, sc.Err()
