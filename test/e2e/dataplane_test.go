@@ -172,3 +172,240 @@ func TestStaleUDPConntrackControl(t *testing.T) {
 		row.Note("")
 	})
 }
+
+// Metric sample names (histograms without labels).
+const (
+	fullSyncCount    = "kubeproxy_sync_full_proxy_rules_duration_seconds_count"
+	partialSyncCount = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
+)
+
+func syncCounts(t *testing.T, ctx context.Context, p *framework.Proxy) (full, partial float64) {
+	t.Helper()
+	m, err := p.Metrics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, ok1 := m[fullSyncCount]
+	pa, ok2 := m[partialSyncCount]
+	if !ok1 || !ok2 {
+		t.Fatalf("metrics on %s lack %s or %s", p.Node.Name, fullSyncCount, partialSyncCount)
+	}
+	return f, pa
+}
+
+// TestPartialSync: on a node whose miniproxy runs with --sync-period 10s,
+// scaling a Deployment three times (each change waited for in the
+// dataplane) is programmed by partial syncs; the full-sync count grows only
+// with the sync period (at most elapsed/period + 1 during the changes), and
+// with no changes at all a full sync still comes within the period.
+func TestPartialSync(t *testing.T) {
+	const period = 10 * time.Second
+	suite.ForEachMode(t, "partial sync on changes, full sync only per sync-period (metrics)", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		row.Note("starting a node with --sync-period 10s")
+		x, p := extraNode(t, ctx, me, "ps", "--sync-period", period.String())
+		client := newClient(t, ctx, x, "ps-client")
+		c := me.Cluster
+		ns, err := c.NewNamespace(ctx, "ps")
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc, err := c.CreateService(ctx, framework.ClusterIPService(ns, "ps"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		dep, err := c.Deploy(ctx, framework.DeploymentSpec{Namespace: ns, Name: "ps", Replicas: 1, Nodes: me.Nodes})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = dep.Delete() })
+		addr := framework.VIP(svc, "tcp")
+		if got, err := waitExactly(ctx, "tcp", client, addr, dep.PodNames(), 60*time.Second); err != nil {
+			t.Fatalf("VIP %s never worked from %s: %v: %v", addr, x.Name, got, err)
+		}
+		f0, p0 := syncCounts(t, ctx, p)
+		t0 := time.Now()
+		if f0 < 1 {
+			t.Fatalf("no full sync counted after the proxy synced (full=%v partial=%v)", f0, p0)
+		}
+		for _, n := range []int{2, 3, 1} {
+			row.Note(fmt.Sprintf("scale to %d", n))
+			if err := dep.Scale(ctx, n); err != nil {
+				t.Fatal(err)
+			}
+			if got, err := waitExactly(ctx, "tcp", client, addr, dep.PodNames(), 60*time.Second); err != nil {
+				t.Fatalf("after scaling to %d: %v: %v", n, got, err)
+			}
+		}
+		f1, p1 := syncCounts(t, ctx, p)
+		elapsed := time.Since(t0)
+		maxFull := float64(int(elapsed/period) + 1)
+		t.Logf("over %v with 3 scale steps: full syncs %v→%v (allowed +%v), partial syncs %v→%v", elapsed.Round(time.Millisecond), f0, f1, maxFull, p0, p1)
+		if p1-p0 < 1 {
+			t.Errorf("no partial sync counted for 3 Deployment changes")
+		}
+		// Each step was observed in the dataplane before the next, so each
+		// needed its own sync; a periodic full sync may have absorbed one.
+		if (p1-p0)+(f1-f0) < 3 {
+			t.Errorf("3 separately observed changes but only %v partial + %v full syncs", p1-p0, f1-f0)
+		}
+		if f1-f0 > maxFull {
+			t.Errorf("%v full syncs in %v with sync-period %v: changes trigger full syncs", f1-f0, elapsed, period)
+		}
+		row.Note("waiting for a periodic full sync")
+		var f2 float64
+		err = framework.WaitFor(ctx, 2*period+5*time.Second, 500*time.Millisecond, func() (bool, error) {
+			f2, _ = syncCounts(t, ctx, p)
+			return f2 > f1, nil
+		})
+		if err != nil {
+			t.Fatalf("no full sync within 2×sync-period without changes (full count stays %v): %v", f1, err)
+		}
+		row.Note("")
+	})
+}
+
+// foreign adds rules that belong to someone else (an iptables chain in nat
+// with a rule, a rule in filter INPUT, an nftables table with a base chain)
+// and returns a function that lists them again.
+func foreign(t *testing.T, ctx context.Context, n *framework.Node) func() string {
+	t.Helper()
+	if err := n.NS.RunAll(ctx,
+		[]string{"iptables", "-w", "-t", "nat", "-N", "E2E-FOREIGN"},
+		[]string{"iptables", "-w", "-t", "nat", "-A", "E2E-FOREIGN", "-s", "192.0.2.55/32", "-j", "RETURN"},
+		[]string{"iptables", "-w", "-t", "filter", "-A", "INPUT", "-s", "192.0.2.55/32", "-m", "comment", "--comment", "e2e-foreign", "-j", "ACCEPT"},
+		[]string{"nft", "add", "table", "ip", "e2e_foreign"},
+		[]string{"nft", "add", "chain", "ip", "e2e_foreign", "c", "{ type filter hook input priority 0 ; policy accept ; }"},
+		[]string{"nft", "add", "rule", "ip", "e2e_foreign", "c", "ip", "saddr", "192.0.2.55", "accept"},
+	); err != nil {
+		t.Fatal(err)
+	}
+	return func() string {
+		var b strings.Builder
+		for _, c := range [][]string{
+			{"iptables", "-w", "-t", "nat", "-S", "E2E-FOREIGN"},
+			{"iptables", "-w", "-t", "filter", "-S", "INPUT"},
+			{"nft", "list", "table", "ip", "e2e_foreign"},
+		} {
+			out, err := n.NS.Run(ctx, c...)
+			if err != nil {
+				out = "ERROR " + err.Error()
+			}
+			if c[0] == "iptables" && c[len(c)-1] == "INPUT" {
+				// Only the foreign line: miniproxy owns its own jumps.
+				var keep []string
+				for _, l := range strings.Split(out, "\n") {
+					if strings.Contains(l, "e2e-foreign") {
+						keep = append(keep, l)
+					}
+				}
+				out = strings.Join(keep, "\n")
+			}
+			fmt.Fprintf(&b, "### %s\n%s\n", strings.Join(c, " "), strings.TrimSpace(out))
+		}
+		return b.String()
+	}
+}
+
+// deleteOwnRules removes miniproxy's dispatch by hand: in iptables mode it
+// flushes KUBE-SERVICES and deletes the Service's KUBE-SVC chain, in
+// nftables mode it deletes the whole `ip miniproxy` table.
+func deleteOwnRules(ctx context.Context, mode string, n *framework.Node, vip string) (string, error) {
+	switch mode {
+	case "iptables":
+		save, err := n.NS.Run(ctx, "iptables-save", "-t", "nat")
+		if err != nil {
+			return "", err
+		}
+		var chain string
+		for _, l := range strings.Split(save, "\n") {
+			if strings.HasPrefix(l, "-A KUBE-SERVICES ") && strings.Contains(l, "-d "+vip+"/32") && strings.Contains(l, "-p tcp") && strings.Contains(l, "--dport 80 ") {
+				if i := strings.Index(l, "-j KUBE-SVC-"); i >= 0 {
+					chain = strings.Fields(l[i+3:])[0]
+				}
+			}
+		}
+		if chain == "" {
+			return "", fmt.Errorf("no KUBE-SERVICES rule for %s:80 jumping to a KUBE-SVC chain in:\n%s", vip, save)
+		}
+		err = n.NS.RunAll(ctx,
+			[]string{"iptables", "-w", "-t", "nat", "-F", "KUBE-SERVICES"},
+			[]string{"iptables", "-w", "-t", "nat", "-F", chain},
+			[]string{"iptables", "-w", "-t", "nat", "-X", chain},
+		)
+		return "flushed KUBE-SERVICES, deleted " + chain, err
+	case "nftables":
+		_, err := n.NS.Run(ctx, "nft", "delete", "table", "ip", "miniproxy")
+		return "deleted table ip miniproxy", err
+	}
+	return "", fmt.Errorf("no drift recipe for mode %s", mode)
+}
+
+// TestDriftRepair: after miniproxy's rules are deleted by hand the VIP stops
+// answering, and the periodic full sync (--sync-period 5s) brings it back;
+// rules in other tables and chains are untouched.
+func TestDriftRepair(t *testing.T) {
+	const period = 5 * time.Second
+	suite.ForEachMode(t, "drift repair within sync-period; foreign rules untouched", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		row.Note("starting a node with --sync-period 5s")
+		x, _ := extraNode(t, ctx, me, "drift", "--sync-period", period.String())
+		client := newClient(t, ctx, x, "drift-client")
+		c := me.Cluster
+		ns, err := c.NewNamespace(ctx, "drift")
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc, err := c.CreateService(ctx, framework.ClusterIPService(ns, "drift"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		dep, err := c.Deploy(ctx, framework.DeploymentSpec{Namespace: ns, Name: "drift", Replicas: 2, Nodes: me.Nodes})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = dep.Delete() })
+		addr := framework.VIP(svc, "tcp")
+		if got, err := waitExactly(ctx, "tcp", client, addr, dep.PodNames(), 60*time.Second); err != nil {
+			t.Fatalf("VIP %s never worked from %s: %v: %v", addr, x.Name, got, err)
+		}
+		list := foreign(t, ctx, x)
+		before := list()
+
+		// The outage must be observed before the repair; a full sync may
+		// land between the deletion and the probe, so retry a few times.
+		row.Note("deleting miniproxy's rules by hand")
+		var outage bool
+		var deletedAt time.Time
+		for attempt := 0; attempt < 4 && !outage; attempt++ {
+			what, err := deleteOwnRules(ctx, me.Mode, x, svc.Spec.ClusterIP)
+			if err != nil {
+				t.Fatalf("delete rules: %v", err)
+			}
+			deletedAt = time.Now()
+			t.Logf("attempt %d: %s", attempt, what)
+			outage = !client.Answers(ctx, addr, 500*time.Millisecond)
+		}
+		if !outage {
+			t.Fatalf("VIP %s kept answering right after its rules were deleted (4 tries)", addr)
+		}
+		row.Note("waiting for the repair")
+		err = framework.WaitFor(ctx, 3*period, 200*time.Millisecond, func() (bool, error) {
+			return client.Answers(ctx, addr, 500*time.Millisecond), nil
+		})
+		if err != nil {
+			t.Fatalf("VIP %s not repaired within 3×sync-period (%v): %v", addr, 3*period, err)
+		}
+		t.Logf("VIP answered again %v after the deletion (sync-period %v)", time.Since(deletedAt).Round(time.Millisecond), period)
+		if got, err := waitExactly(ctx, "tcp", client, addr, dep.PodNames(), 30*time.Second); err != nil {
+			t.Fatalf("after repair: want %v, got %v: %v", dep.PodNames(), got, err)
+		}
+		if after := list(); after != before {
+			t.Fatalf("foreign rules changed:\n--- before ---\n%s\n--- after ---\n%s", before, after)
+		}
+		t.Logf("foreign rules untouched:\n%s", before)
+		row.Note("")
+	})
+}
