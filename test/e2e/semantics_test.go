@@ -440,14 +440,96 @@ func TestMasqueradeNodeCIDR(t *testing.T) {
 	})
 }
 
-// TestDualStack: IPv6 and dual-stack Services. The test bed is IPv4-only
-// today (see the skip reason), so this records the gap in the matrix rather
-// than passing silently.
+// TestDualStack: on a node with IPv6 (node, bridge and pods get the IPv6
+// twin of their address plan) whose miniproxy runs with an IPv4 and an IPv6
+// --cluster-cidr, a single-stack IPv6 Service answers over IPv6 (TCP and
+// UDP) from both endpoints, and a dual-stack Service answers on both its
+// ClusterIPs from the endpoints of the matching family's EndpointSlice.
 func TestDualStack(t *testing.T) {
 	suite.ForEachMode(t, "dual-stack: IPv6 and dual-stack Services", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
-		row.Skip("test bed is IPv4-only: kube-apiserver runs with --service-cluster-ip-range " + framework.ServiceCIDR +
-			" (single family), nodes/pods get no IPv6 address or route, Node objects have one podCIDR and miniproxy gets --cluster-cidr " +
-			framework.ClusterCIDR + " only")
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		row.Note("starting a dual-stack node")
+		x, _ := extraNode(t, ctx, me, "ds", "--cluster-cidr", framework.ClusterCIDR+","+framework.ClusterCIDRv6)
+		if err := x.EnableIPv6(ctx); err != nil {
+			t.Fatal(err)
+		}
+		client := newClient(t, ctx, x, "ds-client")
+		if _, err := client.EnableIPv6(ctx); err != nil {
+			t.Fatal(err)
+		}
+		var v4, v6 []framework.SliceEndpoint
+		var want []string
+		for i := 0; i < 2; i++ {
+			p := newClient(t, ctx, x, fmt.Sprintf("ds-%d", i))
+			if err := p.Serve(ctx, framework.PodPort, framework.PodHTTPPort); err != nil {
+				t.Fatal(err)
+			}
+			ip6, err := p.EnableIPv6(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			v4 = append(v4, framework.SliceEndpoint{IP: p.IP, Node: x, Ready: true, Serving: true})
+			v6 = append(v6, framework.SliceEndpoint{IP: ip6, Node: x, Ready: true, Serving: true})
+			want = append(want, p.Name)
+		}
+		c := me.Cluster
+		ns, err := c.NewNamespace(ctx, "ds")
+		if err != nil {
+			t.Fatal(err)
+		}
+		only6 := framework.ClusterIPService(ns, "only6")
+		only6.Spec.IPFamilyPolicy = ptr(corev1.IPFamilyPolicySingleStack)
+		only6.Spec.IPFamilies = []corev1.IPFamily{corev1.IPv6Protocol}
+		dual := framework.ClusterIPService(ns, "dual")
+		dual.Spec.IPFamilyPolicy = ptr(corev1.IPFamilyPolicyRequireDualStack)
+		dual.Spec.IPFamilies = []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol}
+		var checks []struct{ what, proto, addr string }
+		for _, spec := range []*corev1.Service{only6, dual} {
+			svc, err := c.CreateService(ctx, spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("Service %s: clusterIPs %v", svc.Name, svc.Spec.ClusterIPs)
+			for _, ip := range svc.Spec.ClusterIPs {
+				a := netip.MustParseAddr(ip)
+				fam := "IPv4"
+				if a.Is6() {
+					fam = "IPv6"
+				}
+				for _, proto := range []string{"tcp", "udp"} {
+					checks = append(checks, struct{ what, proto, addr string }{
+						svc.Name + " " + fam + " " + proto, proto, netip.AddrPortFrom(a, framework.SvcPort).String()})
+				}
+			}
+			if err := c.PublishSlice(ctx, ns, svc.Name, "v6", v6, framework.DefaultSlicePorts()); err != nil {
+				t.Fatal(err)
+			}
+			if svc.Name == "dual" {
+				if err := c.PublishSlice(ctx, ns, svc.Name, "v4", v4, framework.DefaultSlicePorts()); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if len(checks) != 6 {
+			t.Fatalf("want 3 ClusterIPs (1 single-stack IPv6, 2 dual-stack), got checks %v", checks)
+		}
+		for _, ch := range checks {
+			row.Note(ch.what)
+			got, err := waitExactly(ctx, ch.proto, client, ch.addr, want, 60*time.Second)
+			if err != nil {
+				t.Fatalf("%s via %s: want exactly %v, last %v: %v", ch.what, ch.addr, want, got, err)
+			}
+			t.Logf("%s via %s: %v", ch.what, ch.addr, got)
+		}
+		// The IPv4-only proxies of the shared nodes saw the IPv6 Services
+		// too; they must ignore the other family, not fail on it.
+		for _, p := range me.Proxies {
+			if err := p.WaitHealthy(ctx, 10*time.Second); err != nil {
+				t.Errorf("IPv4-only miniproxy after IPv6 Services appeared: %v", err)
+			}
+		}
+		row.Note("")
 	})
 }
 

@@ -231,7 +231,10 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, e *Env) error {
 		"--bind-address", "0.0.0.0",
 		"--secure-port", fmt.Sprint(APIServerPort),
 		"--advertise-address", ControlPlaneIP,
-		"--service-cluster-ip-range", ServiceCIDR,
+		// Dual-stack service range (IPv4 primary): Services default to
+		// single-stack IPv4 as before; tests ask for IPv6 or dual-stack
+		// explicitly (see ext_dualstack.go).
+		"--service-cluster-ip-range", ServiceCIDR+","+ServiceCIDRv6,
 		"--client-ca-file", cp.pki.CAFile,
 		"--tls-cert-file", f("apiserver.crt"),
 		"--tls-private-key-file", f("apiserver.key"),
