@@ -95,7 +95,7 @@ func (c *recordingCC) UpdateState(s resolver.State) error {
 	c.ch <- call{addrs: a, at: now}
 	return nil
 }
-func (c *recordingCC) ReportError(err error)       { c.ch <- call{err: err, at: time.Now()} }
+func (c *recordingCC) ReportError(err error)         { c.ch <- call{err: err, at: time.Now()} }
 func (c *recordingCC) NewAddress([]resolver.Address) {}
 func (c *recordingCC) ParseServiceConfig(string) *serviceconfig.ParseResult {
 	return &serviceconfig.ParseResult{}
