@@ -194,8 +194,21 @@ type renderer struct {
 	local []netip.Prefix
 }
 
+// ofFamily returns the endpoints of family f. The common single-family case
+// returns eps itself (callers never modify the result), which saves most of
+// a 10k-Service render's allocations.
 func ofFamily(f model.Family, eps []model.Endpoint) []model.Endpoint {
-	var out []model.Endpoint
+	same := true
+	for _, ep := range eps {
+		if model.FamilyOf(ep.IP) != f {
+			same = false
+			break
+		}
+	}
+	if same {
+		return eps
+	}
+	out := make([]model.Endpoint, 0, len(eps))
 	for _, ep := range eps {
 		if model.FamilyOf(ep.IP) == f {
 			out = append(out, ep)
@@ -279,9 +292,10 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 	// split on saddr == ep / != ep before choice: exactly one of the two
 	// evaluates choice, which keeps numgen's probabilities exact.
 	pick := func(choice []Expr, ep model.Endpoint) []Rule {
-		var out []Rule
+		out := make([]Rule, 0, 2)
 		for _, hairpin := range []bool{true, false} {
-			r := Rule{MatchAddr{Src: true, Prefix: hostPrefix(ep.IP), Neg: !hairpin}, MatchL4Proto{Proto: sp.Protocol}}
+			r := make(Rule, 0, 6+len(choice))
+			r = append(r, MatchAddr{Src: true, Prefix: hostPrefix(ep.IP), Neg: !hairpin}, MatchL4Proto{Proto: sp.Protocol})
 			r = append(r, choice...)
 			if hairpin {
 				r = append(r, SetMark{Bits: mark})
@@ -300,7 +314,7 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 	// endpoint instead of an inline anonymous vmap per Service keep the
 	// kernel's load time linear and small (DESIGN.md facts).
 	cascade := func(eps []model.Endpoint) []Rule {
-		var out []Rule
+		out := make([]Rule, 0, 2*len(eps)*(1+int(min(sp.AffinitySeconds, 1))))
 		if sp.AffinitySeconds > 0 {
 			for _, ep := range eps {
 				out = append(out, pick([]Expr{MatchSaddrInSet{Set: affSet[ep.AddrPort()]}}, ep)...)
@@ -337,7 +351,7 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 		c := &Chain{Name: svcChain}
 		switch {
 		case r.cfg.MasqueradeAll:
-			c.Rules = append(c.Rules, rule(jump(ChainMarkForMasq)))
+			c.Rules = append(c.Rules, rule(SetMark{Bits: mark}))
 		case len(r.local) > 0:
 			// Traffic not from a local pod (the node itself, other
 			// hosts) is masqueraded so replies come back through us.
@@ -345,7 +359,7 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 			for _, p := range r.local {
 				m = append(m, MatchAddr{Src: true, Prefix: p, Neg: true})
 			}
-			c.Rules = append(c.Rules, append(m, jump(ChainMarkForMasq)))
+			c.Rules = append(c.Rules, append(m, SetMark{Bits: mark}))
 		}
 		c.Rules = append(c.Rules, cascade(internal)...)
 		so.Chains = append(so.Chains, c)
@@ -381,12 +395,10 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 				for _, p := range r.local {
 					c.Rules = append(c.Rules, rule(MatchAddr{Src: true, Prefix: p}, gotoV(target)))
 				}
-				c.Rules = append(c.Rules,
-					rule(MatchFibLocal{Src: true}, jump(ChainMarkForMasq)),
-					rule(MatchFibLocal{Src: true}, gotoV(target)))
+				c.Rules = append(c.Rules, rule(MatchFibLocal{Src: true}, SetMark{Bits: mark}, gotoV(target)))
 			}
 		} else {
-			c.Rules = append(c.Rules, rule(jump(ChainMarkForMasq)))
+			c.Rules = append(c.Rules, rule(SetMark{Bits: mark}))
 		}
 		if len(external) > 0 {
 			c.Rules = append(c.Rules, cascade(external)...)
