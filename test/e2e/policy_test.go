@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strconv"
 	"testing"
@@ -28,7 +29,7 @@ func TestExternalTrafficPolicyLocal(t *testing.T) {
 		defer cancel()
 		c := me.Cluster
 		// 3 pods round robin over 2 nodes: two on node 0, one on node 1.
-		s := newExtSvc(t, ctx, c, "etp", 3, me.Nodes, etpLocal)
+		s := newExtSvc(t, ctx, me, "etp", 3, me.Nodes, etpLocal)
 		np := s.nodePort(t, "tcp")
 		x := extClient(t, ctx, c, 0)
 		for _, n := range me.Nodes {
@@ -64,6 +65,32 @@ func TestExternalTrafficPolicyLocal(t *testing.T) {
 			if !slices.Contains(peers, conn.Local) {
 				t.Errorf("eTP Local via %s: pod %s sees peers %v, want the client's own address %s (source not preserved)", n.Name, name, peers, conn.Local)
 			}
+			t.Logf("eTP Local via %s: client %s, pod %s sees peers %v", n.Name, conn.Local, name, peers)
+		}
+
+		// Control: the same check on a Cluster-policy NodePort must see the
+		// node's address instead (masqueraded), so the check above is able
+		// to tell the difference.
+		row.Note("control: eTP Cluster is masqueraded")
+		cs := newExtSvc(t, ctx, me, "etp-cluster", 1, me.Nodes[1:2], func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeNodePort })
+		addr := extHostPort(me.Nodes[0].IP, cs.nodePort(t, "tcp"))
+		if got, err := extWaitExactly(ctx, x.NS, addr, cs.dep.PodNames(), 60*time.Second); err != nil {
+			t.Fatalf("eTP Cluster NodePort %s: last %v: %v", addr, got, err)
+		}
+		conn, err := framework.DialFrom(ctx, x.NS, addr, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.Ask(2 * time.Second); err != nil {
+			t.Fatalf("ask over %s: %v", addr, err)
+		}
+		peers, err := cs.dep.Pods()[0].Peers(ctx, framework.PodPort)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(peers) != 1 || peers[0].Addr() != me.Nodes[0].IP {
+			t.Errorf("control: eTP Cluster via %s: pod sees peers %v, want exactly one from the node address %s (masqueraded)", me.Nodes[0].Name, peers, me.Nodes[0].IP)
 		}
 		row.Note("")
 	})
@@ -78,7 +105,7 @@ func TestExternalTrafficPolicyLocalNoEndpoint(t *testing.T) {
 		defer cancel()
 		c := me.Cluster
 		with, without := me.Nodes[1], me.Nodes[0]
-		s := newExtSvc(t, ctx, c, "etp-none", 1, []*framework.Node{with}, etpLocal)
+		s := newExtSvc(t, ctx, me, "etp-none", 1, []*framework.Node{with}, etpLocal)
 		np := s.nodePort(t, "tcp")
 		x := extClient(t, ctx, c, 0)
 		row.Note("node with the endpoint answers")
@@ -111,7 +138,7 @@ func TestHealthCheckNodePort(t *testing.T) {
 		with, without := me.Nodes[0], me.Nodes[1]
 		// Both pods on the same node: localEndpoints must count them (2),
 		// not just say "some".
-		s := newExtSvc(t, ctx, c, "hcnp", 2, []*framework.Node{with}, func(svc *corev1.Service) {
+		s := newExtSvc(t, ctx, me, "hcnp", 2, []*framework.Node{with}, func(svc *corev1.Service) {
 			svc.Spec.Type = corev1.ServiceTypeLoadBalancer
 			svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
 		})
@@ -158,7 +185,7 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 		c := me.Cluster
 		local := corev1.ServiceInternalTrafficPolicyLocal
 		itp := func(svc *corev1.Service) { svc.Spec.InternalTrafficPolicy = &local }
-		s := newExtSvc(t, ctx, c, "itp", 3, me.Nodes, itp)
+		s := newExtSvc(t, ctx, me, "itp", 3, me.Nodes, itp)
 		var clients []*framework.Pod
 		for i, n := range me.Nodes {
 			p, err := n.NewPod(ctx, fmt.Sprintf("itp-client-%d", i))
@@ -180,8 +207,11 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 		}
 
 		with, without := me.Nodes[1], me.Nodes[0]
-		none := newExtSvc(t, ctx, c, "itp-none", 1, []*framework.Node{with}, itp)
+		none := newExtSvc(t, ctx, me, "itp-none", 1, []*framework.Node{with}, itp)
 		addr = framework.VIP(none.svc, "tcp")
+		// Send the VIP on to a real owner from the node without endpoints:
+		// were the packet not dropped, it would be answered from there.
+		extUpstream(t, ctx, c, netip.MustParseAddr(none.svc.Spec.ClusterIP), without)
 		row.Note("client on the endpoint's node")
 		if got, err := extWaitExactly(ctx, clients[1].NS, addr, none.dep.PodNames(), 60*time.Second); err != nil {
 			t.Fatalf("iTP Local %s from %s: last %v: %v", addr, with.Name, got, err)

@@ -224,7 +224,8 @@ func (p *Pod) Peers(ctx context.Context, port int) ([]netip.AddrPort, error) {
 		if err != nil {
 			return nil, fmt.Errorf("ss in %s: peer %q: %w", p.Name, f[3], err)
 		}
-		peers = append(peers, ap)
+		// A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+		peers = append(peers, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
 	}
 	return peers, nil
 }
