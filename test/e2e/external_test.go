@@ -258,59 +258,65 @@ func TestNodePort(t *testing.T) {
 }
 
 // TestNodePortAddresses: with --nodeport-addresses set to the underlay CIDR,
-// a node serves NodePorts on its underlay address but not on its pod-bridge
-// address; a node with the default flags serves both (so the negative check
-// could fail).
+// or to "primary" (the Node object's InternalIP), a node serves NodePorts on
+// its underlay address but not on its pod-bridge address; a node with the
+// default flags serves both (so the negative check could fail).
 func TestNodePortAddresses(t *testing.T) {
-	suite.ForEachMode(t, "NodePort only on --nodeport-addresses", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	suite.ForEachMode(t, "NodePort only on --nodeport-addresses (CIDR, primary)", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
+		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 		defer cancel()
 		c := me.Cluster
-		row.Note("starting a node with --nodeport-addresses " + framework.UnderlayPrefix)
-		nodes, err := c.AddNodes(ctx, fmt.Sprintf("%s-npa-%s", me.Mode[:3], extRand()), 1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		node := nodes[0]
-		p, err := c.StartProxy(ctx, node, framework.ProxyOptions{Mode: me.Mode, Extra: []string{"--nodeport-addresses", framework.UnderlayPrefix}})
-		if p != nil {
-			t.Cleanup(func() { _ = p.Stop() })
-			t.Cleanup(func() {
-				if t.Failed() {
-					t.Logf("--- miniproxy on %s ---\n%s", node.Name, p.Logs())
-					rules, err := node.Rules(context.Background(), me.Mode)
-					t.Logf("--- rules on %s (err=%v) ---\n%s", node.Name, err, rules)
-				}
-			})
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
 		s := newExtSvc(t, ctx, me, "npa", 2, me.Nodes, func(svc *corev1.Service) { svc.Spec.Type = corev1.ServiceTypeNodePort })
 		np := s.nodePort(t, "tcp")
 		x := extClient(t, ctx, c, 0)
 		want := s.dep.PodNames()
-		ref := me.Nodes[0]
-		extRoute(t, ctx, x, node.BridgeIP(), node)
-		extRoute(t, ctx, x, ref.BridgeIP(), ref)
 
-		row.Note("NodePort on the selected address of " + node.Name)
-		addr := extHostPort(node.IP, np)
-		if got, err := extWaitExactly(ctx, x.NS, addr, want, 60*time.Second); err != nil {
-			t.Fatalf("NodePort %s on %s (inside --nodeport-addresses): want exactly %v, last %v: %v", addr, node.Name, want, got, err)
-		}
+		ref := me.Nodes[0]
+		extRoute(t, ctx, x, ref.BridgeIP(), ref)
 		row.Note("control: default-flag node serves its bridge address")
 		refAddr := extHostPort(ref.BridgeIP(), np)
 		if got, err := extWaitExactly(ctx, x.NS, refAddr, want, 60*time.Second); err != nil {
 			t.Fatalf("control: NodePort %s on %s's pod bridge (default nodeport addresses = all): want exactly %v, last %v: %v", refAddr, ref.Name, want, got, err)
 		}
-		row.Note("excluded address must not answer")
-		// The underlay address already works, so the rules are in place; the
-		// bridge address is local to the node and nothing listens on the
-		// NodePort, so the kernel refuses it.
-		excluded := extHostPort(node.BridgeIP(), np)
-		extExpectAll(t, ctx, x.NS, excluded, framework.Rejected, 2*time.Second,
-			fmt.Sprintf("NodePort on %s (outside --nodeport-addresses %s)", excluded, framework.UnderlayPrefix))
+
+		for _, flag := range []string{framework.UnderlayPrefix, "primary"} {
+			row.Note("starting a node with --nodeport-addresses " + flag)
+			nodes, err := c.AddNodes(ctx, fmt.Sprintf("%s-npa-%s", me.Mode[:3], extRand()), 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			node := nodes[0]
+			p, err := c.StartProxy(ctx, node, framework.ProxyOptions{Mode: me.Mode, Extra: []string{"--nodeport-addresses", flag}})
+			if p != nil {
+				t.Cleanup(func() { _ = p.Stop() })
+				t.Cleanup(func() {
+					if t.Failed() {
+						t.Logf("--- miniproxy on %s (--nodeport-addresses %s) ---\n%s", node.Name, flag, p.Logs())
+						rules, err := node.Rules(context.Background(), me.Mode)
+						t.Logf("--- rules on %s (err=%v) ---\n%s", node.Name, err, rules)
+					}
+				})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			extRoute(t, ctx, x, node.BridgeIP(), node)
+
+			row.Note(fmt.Sprintf("--nodeport-addresses %s: underlay address of %s", flag, node.Name))
+			addr := extHostPort(node.IP, np)
+			if got, err := extWaitExactly(ctx, x.NS, addr, want, 60*time.Second); err != nil {
+				t.Fatalf("NodePort %s on %s (selected by --nodeport-addresses %s): want exactly %v, last %v: %v", addr, node.Name, flag, want, got, err)
+			}
+			row.Note(fmt.Sprintf("--nodeport-addresses %s: excluded address must not answer", flag))
+			// The underlay address already works, so the rules are in
+			// place; the bridge address is local to the node and nothing
+			// listens on the NodePort, so the kernel refuses it.
+			excluded := extHostPort(node.BridgeIP(), np)
+			extExpectAll(t, ctx, x.NS, excluded, framework.Rejected, 2*time.Second,
+				fmt.Sprintf("NodePort on %s (not selected by --nodeport-addresses %s)", excluded, flag))
+			t.Logf("--nodeport-addresses %s on %s: %s answers, %s refused", flag, node.Name, addr, excluded)
+			_ = p.Stop()
+		}
 		row.Note("")
 	})
 }
