@@ -4,12 +4,18 @@
 //
 //	podserver serve --name web-0 --tcp 8080 --udp 8080 --http 8081
 //	podserver client --proto tcp --addr 10.96.0.10:80 --count 100
+//	podserver grpc-client --target dns://10.250.0.2/grpc.lab.svc.cluster.local:9090 --lb round_robin
 //
 // TCP: the server answers each line it reads with "<name>\n" and keeps the
 // connection open until the client closes it, so one connection can be probed
 // again later (for example across a proxy restart). UDP: each datagram is
 // answered with "<name>\n" from the port it arrived on. HTTP: GET on any path
-// returns "<name>\n".
+// returns "<name>\n". gRPC: the unary method /podserver.Name/Get
+// (google.protobuf.Empty → google.protobuf.StringValue) returns the name; the
+// service is declared by hand with well-known types, so no protoc step is
+// needed and any client can call it with grpc.ClientConn.Invoke.
+// --grpc-max-connection-age sets the server's MaxConnectionAge keepalive
+// parameter, which makes clients reconnect (and so re-pick an endpoint).
 //
 // The client subcommand is for people poking at a lab by hand
 // (`ip netns exec POD bin/podserver client ...`); the e2e framework dials from
@@ -46,6 +52,8 @@ func main() {
 		err = serve(ctx, os.Args[2:])
 	case "client":
 		err = client(ctx, os.Args[2:])
+	case "grpc-client":
+		err = grpcClient(ctx, os.Args[2:])
 	default:
 		usage()
 	}
@@ -56,7 +64,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: podserver serve --name N [--tcp PORT] [--udp PORT] [--http PORT] [--addr IP]\n       podserver client --proto tcp|udp --addr HOST:PORT [--count N] [--timeout D]")
+	fmt.Fprintln(os.Stderr, "usage: podserver serve --name N [--tcp PORT] [--udp PORT] [--http PORT] [--grpc PORT] [--grpc-max-connection-age D] [--addr IP]\n       podserver client --proto tcp|udp --addr HOST:PORT [--count N] [--timeout D]\n       podserver grpc-client --target T [--lb pick_first|round_robin] [--channels N] [--rpcs N] [--interval D] [--duration D]")
 	os.Exit(2)
 }
 
@@ -67,6 +75,8 @@ func serve(ctx context.Context, args []string) error {
 	tcpPorts := fs.String("tcp", "8080", "comma-separated TCP ports (empty: none)")
 	udpPorts := fs.String("udp", "8080", "comma-separated UDP ports (empty: none)")
 	httpPorts := fs.String("http", "", "comma-separated HTTP ports (empty: none)")
+	grpcPorts := fs.String("grpc", "", "comma-separated gRPC ports (empty: none)")
+	maxAge := fs.Duration("grpc-max-connection-age", 0, "gRPC MaxConnectionAge (0: unlimited)")
 	_ = fs.Parse(args)
 	if *name == "" {
 		return errors.New("serve: --name is required")
@@ -109,8 +119,21 @@ func serve(ctx context.Context, args []string) error {
 			}
 		})
 	}
+	for _, p := range split(*grpcPorts) {
+		ln, err := net.Listen("tcp", net.JoinHostPort(*addr, p))
+		if err != nil {
+			return fmt.Errorf("listen grpc %s: %w", p, err)
+		}
+		srv := newGRPCServer(*name, *maxAge)
+		context.AfterFunc(ctx, srv.Stop)
+		wg.Go(func() {
+			if err := srv.Serve(ln); err != nil {
+				errc <- fmt.Errorf("grpc: %w", err)
+			}
+		})
+	}
 	// The framework waits for this line before it publishes the endpoint.
-	fmt.Printf("podserver %s ready tcp=%s udp=%s http=%s\n", *name, *tcpPorts, *udpPorts, *httpPorts)
+	fmt.Printf("podserver %s ready tcp=%s udp=%s http=%s grpc=%s\n", *name, *tcpPorts, *udpPorts, *httpPorts, *grpcPorts)
 	select {
 	case <-ctx.Done():
 		wg.Wait()
