@@ -20,6 +20,8 @@ e2e: build
 	bash hack/provision.sh
 	MINIPROXY_E2E_MODES=$${MINIPROXY_E2E_MODES:-iptables,nftables} $(GO) test -count=1 -v -timeout 40m ./test/e2e/...
 	$(MAKE) guest
+	$(GO) run ./test/e2e/matrixmerge e2e-results
+	@cat e2e-results/e2e-matrix.md
 
 guest: build
 	bash test/guest/run.sh
