@@ -102,6 +102,7 @@ func waitAnswer(ctx context.Context, client *framework.Pod, addr string, interva
 		wg   sync.WaitGroup
 	)
 	found := make(chan struct{})
+	start := time.Now()
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
@@ -126,6 +127,13 @@ func waitAnswer(ctx context.Context, client *framework.Pod, addr string, interva
 			}
 			return time.Time{}, fmt.Errorf("%s did not answer within %v", addr, timeout)
 		case <-tick.C:
+			// Long waits (a cold start still catching up) probe every
+			// 50 ms after the first 2 s, to bound the goroutines and
+			// setns calls the probing itself costs the machine.
+			if interval < 50*time.Millisecond && time.Since(start) > 2*time.Second {
+				interval = 50 * time.Millisecond
+				tick.Reset(interval)
+			}
 		}
 	}
 }
