@@ -226,3 +226,69 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 		row.Note("")
 	})
 }
+
+// TestExternalTrafficPolicyLocalLBIP: through a LoadBalancer IP, eTP Local
+// also means node-local endpoints only and the real client address; a pod
+// using the same LB IP is treated as internal and reaches every endpoint
+// (kube-proxy short-circuits pod → LB IP traffic to the cluster endpoints).
+func TestExternalTrafficPolicyLocalLBIP(t *testing.T) {
+	suite.ForEachMode(t, "externalTrafficPolicy: Local via LB IP (+ pods get all endpoints)", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		c := me.Cluster
+		lbIP := extTestIP(me.Mode, netip.MustParseAddr("198.51.100.10"), 2)
+		s := newExtSvc(t, ctx, me, "etplb", 3, me.Nodes, func(svc *corev1.Service) {
+			svc.Spec.Type = corev1.ServiceTypeLoadBalancer
+			svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+		})
+		if _, err := c.SetLoadBalancerIngress(ctx, s.ns, s.svc.Name, nil, lbIP); err != nil {
+			t.Fatal(err)
+		}
+		x := extClient(t, ctx, c, 0)
+		addr := extHostPort(lbIP, framework.SvcPort)
+		for _, n := range me.Nodes {
+			extRoute(t, ctx, x, lbIP, n)
+			want := s.podsOn(n)
+			row.Note(fmt.Sprintf("LB IP %s via %s: only %v", addr, n.Name, want))
+			got, err := extWaitExactly(ctx, x.NS, addr, want, 60*time.Second)
+			if err != nil {
+				t.Fatalf("eTP Local LB IP %s via %s: want exactly the local endpoints %v, last %v: %v", addr, n.Name, want, got, err)
+			}
+			conn, err := framework.DialFrom(ctx, x.NS, addr, 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			name, err := conn.Ask(2 * time.Second)
+			if err != nil {
+				conn.Close()
+				t.Fatalf("ask over %s: %v", addr, err)
+			}
+			pod := s.pod(name)
+			if pod == nil {
+				conn.Close()
+				t.Fatalf("answer from %q, not a pod of %v", name, s.dep.PodNames())
+			}
+			peers, err := pod.Peers(ctx, framework.PodPort)
+			conn.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Contains(peers, conn.Local) {
+				t.Errorf("eTP Local LB IP via %s: pod %s sees peers %v, want the client's own address %s", n.Name, name, peers, conn.Local)
+			}
+			t.Logf("eTP Local LB IP via %s: %v; pod %s sees %v", n.Name, got, name, peers)
+		}
+
+		row.Note("pod → LB IP gets every endpoint")
+		client, err := me.Nodes[1].NewPod(ctx, "etplb-client")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = client.Delete() })
+		want := s.dep.PodNames()
+		if got, err := extWaitExactly(ctx, client.NS, addr, want, 60*time.Second); err != nil {
+			t.Fatalf("eTP Local LB IP %s from pod %s on %s: want every endpoint %v (pod traffic is internal), last %v: %v", addr, client.Name, client.Node.Name, want, got, err)
+		}
+		row.Note("")
+	})
+}
