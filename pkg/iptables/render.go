@@ -252,6 +252,14 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	local := r.inFamily(elig.Local)
 	any := len(r.inFamily(sp.Endpoints)) > 0
 	proto := sp.Protocol.Lower()
+	// TCP gets a reset rather than kube-proxy's ICMP port-unreachable: the
+	// kernel rate-limits ICMP errors per destination (icmp_ratelimit, ~1/s
+	// after a small burst), so a client retrying an empty Service would
+	// otherwise hang instead of failing at once. nftables mode does the same.
+	reject := "REJECT"
+	if sp.Protocol == model.TCP {
+		reject = "REJECT --reject-with tcp-reset"
+	}
 	pm := fmt.Sprintf("-p %s -m %s --dport %d", proto, proto, sp.Port)
 	comment := "-m comment --comment " + n.comment
 
@@ -328,7 +336,7 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	} else {
 		target := "DROP"
 		if !any {
-			target = "REJECT"
+			target = reject
 		}
 		out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j %s", ChainServices, clusterMatch, target))
 	}
@@ -363,7 +371,7 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	}
 	dropOrReject := "DROP"
 	if !any {
-		dropOrReject = "REJECT"
+		dropOrReject = reject
 	}
 	natOrFilter := func(match string, natTarget string) {
 		if extTarget != "" {
