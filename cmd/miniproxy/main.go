@@ -209,7 +209,9 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 		log.Info("synced", "mode", o.Mode, "full", res.Full, "changed", res.Changed, "services", len(snap.Services), "rules", res.Rules, "took", took.Round(time.Microsecond))
 		return nil
 	}
-	runner := mpsync.New(mpsync.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod}, clock.RealClock{}, syncFn)
+	// Burst 2 as kube-proxy: a Service and its EndpointSlice arrive as two
+	// events; both are programmed without waiting out min-sync-period.
+	runner := mpsync.New(mpsync.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod, Burst: 2}, clock.RealClock{}, syncFn)
 
 	onChange := func() {
 		now := time.Now()

@@ -49,6 +49,13 @@ type Config struct {
 	RetryInitial time.Duration
 	// RetryMax caps the retry delay. Zero means DefaultRetryMax.
 	RetryMax time.Duration
+	// Burst lets up to Burst syncs start back to back before MinInterval
+	// spacing applies (a token bucket refilled at one token per
+	// MinInterval), like kube-proxy's burstSyncs. Creating a Service and its
+	// EndpointSlice are two events a few milliseconds apart: with Burst 2
+	// both are programmed at once instead of the second waiting out
+	// MinInterval. Zero or one means strict spacing.
+	Burst int
 }
 
 // SyncFunc programs the dataplane. full asks for a complete reconcile (first
@@ -143,6 +150,8 @@ func (r *Runner) Status() Status {
 type schedule struct {
 	started       bool      // a sync has run
 	lastStart     time.Time // start of the previous sync
+	tokens        float64   // sync tokens left at tokensAt (see Config.Burst)
+	tokensAt      time.Time
 	lastFullStart time.Time // start of the previous full sync
 	lastEnd       time.Time // end of the previous sync
 	pending       bool      // a Trigger arrived since the previous sync started
@@ -154,7 +163,7 @@ func (r *Runner) next(s *schedule) time.Time {
 	if !s.started {
 		return time.Time{}
 	}
-	earliest := s.lastStart.Add(r.cfg.MinInterval)
+	earliest := r.earliest(s)
 	due := s.lastFullStart.Add(r.cfg.MaxInterval)
 	if s.failures > 0 {
 		// While failing, changes do not speed up retries: a trigger
@@ -173,6 +182,29 @@ func (r *Runner) next(s *schedule) time.Time {
 		due = earliest
 	}
 	return due
+}
+
+// earliest is when the token bucket next holds a whole token.
+func (r *Runner) earliest(s *schedule) time.Time {
+	if r.cfg.MinInterval <= 0 {
+		return s.lastStart
+	}
+	if s.tokens >= 1 {
+		return s.tokensAt
+	}
+	return s.tokensAt.Add(time.Duration((1 - s.tokens) * float64(r.cfg.MinInterval)))
+}
+
+// take spends one token for a sync starting at now.
+func (r *Runner) take(s *schedule, now time.Time) {
+	burst := float64(max(r.cfg.Burst, 1))
+	if !s.started {
+		s.tokens = burst
+	} else if r.cfg.MinInterval > 0 {
+		s.tokens += float64(now.Sub(s.tokensAt)) / float64(r.cfg.MinInterval)
+	}
+	s.tokens = min(s.tokens, burst) - 1
+	s.tokensAt = now
 }
 
 // backoff returns the delay after the n-th consecutive failure (n >= 1).
@@ -223,6 +255,7 @@ func (r *Runner) Run(ctx context.Context) {
 
 		now := r.clk.Now()
 		full := needFull || !now.Before(s.lastFullStart.Add(r.cfg.MaxInterval))
+		r.take(&s, now)
 		s.started, s.lastStart, s.pending = true, now, false
 		if full {
 			s.lastFullStart = now

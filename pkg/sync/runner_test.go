@@ -342,3 +342,38 @@ func TestDefaults(t *testing.T) {
 		}
 	}
 }
+
+// TestBurst: with Burst 2, a second change right after a sync is applied at
+// once; a third must wait until the bucket has refilled a whole token.
+func TestBurst(t *testing.T) {
+	h := start(t, Config{MinInterval: 4 * time.Second, MaxInterval: time.Minute, Burst: 2})
+	h.expectCall(true) // t=0, tokens 2 → 1
+	h.finish(nil)
+	h.expectWait(time.Minute)
+
+	h.at(100 * time.Millisecond)
+	h.r.Trigger()
+	h.expectCall(false) // at once: tokens 1.025 → 0.025
+	h.finish(nil)
+	h.expectWait(time.Minute)
+
+	h.at(200 * time.Millisecond)
+	h.r.Trigger()
+	// 0.025 tokens at +100ms; a whole token 0.975 × 4s later = +4s.
+	h.expectWait(4 * time.Second)
+	h.at(4 * time.Second)
+	h.expectCall(false)
+	h.finish(nil)
+
+	// After a long quiet period the bucket is full again (capped at 2).
+	h.expectWait(time.Minute)
+	h.at(30 * time.Second)
+	h.r.Trigger()
+	h.expectCall(false)
+	h.finish(nil)
+	h.expectWait(time.Minute)
+	h.at(30*time.Second + time.Millisecond)
+	h.r.Trigger()
+	h.expectCall(false)
+	h.finish(nil)
+}
