@@ -1,23 +1,33 @@
-// Command lab is `make lab`: it brings up a real control plane and a two-node
-// namespace cluster (test/e2e/framework), runs miniproxy in one mode, creates
-// a ClusterIP Service with three server pods, opens short connections from a
-// client pod, and reports the per-endpoint distribution with a chi-square
-// goodness-of-fit test against a uniform spread. Everything is torn down at
-// the end, also on failure or Ctrl-C.
+// Command lab is `make lab`: the NAT-selection study. For every proxy mode it
+// brings up a real control plane and a two-node namespace cluster
+// (test/e2e/framework), runs miniproxy in that mode, and measures how the
+// kernel rules pick an endpoint — once per connection, then pinned by
+// conntrack — and what that means for gRPC:
 //
-//	go run ./hack/lab --mode iptables --connections 1000 --out lab-report
+//	spread    1,000 TCP connections and 1,000 UDP flows over 3 and 10 endpoints, chi-square
+//	pin       one TCP connection, 1,000 requests, its conntrack entry; endpoint set changes
+//	grpc      one channel, a channel pool, dns:/// + round_robin (CoreDNS), MaxConnectionAge,
+//	          miniproxy's own resolver; scale 3 → 6 while the client runs
+//	stale     a UDP flow keeping its source port while its endpoint is removed, with and
+//	          without --conntrack-cleanup
+//	affinity  sessionAffinity ClientIP before and after its timeout
+//
+// It writes lab-report/report.md, results.json and PNG plots. Everything is
+// torn down at the end, also on failure or Ctrl-C.
+//
+//	go run ./hack/lab --mode iptables,nftables --experiment all --out lab-report
 package main
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
-	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -27,26 +37,66 @@ import (
 	"github.com/miniproxy/miniproxy/test/e2e/framework"
 )
 
+// experiments in the order they run inside one cluster.
+var allExperiments = []string{"spread", "pin", "stale", "affinity", "grpc"}
+
 type config struct {
-	mode        string
-	connections int
+	modes       []string
+	experiments []string
 	out         string
-	nodes       int
-	replicas    int
+	connections int
+	coredns     string // CoreDNS binary; "" skips grpc (c)
 }
 
+func (c config) has(exp string) bool { return slices.Contains(c.experiments, exp) }
+
 func main() {
+	var mode, exp string
 	cfg := config{}
-	flag.StringVar(&cfg.mode, "mode", envOr("MODE", "iptables"), "proxy mode: iptables | nftables | ipvs (env MODE)")
-	flag.IntVar(&cfg.connections, "connections", 1000, "short TCP connections to open through the VIP")
+	flag.StringVar(&mode, "mode", envOr("MODE", "iptables,nftables"), "comma-separated proxy modes (env MODE); ipvs needs an ip_vs kernel")
+	flag.StringVar(&exp, "experiment", envOr("EXPERIMENT", "all"), "all or comma-separated: "+strings.Join(allExperiments, ","))
+	flag.IntVar(&cfg.connections, "connections", 1000, "connections / flows / RPCs per measurement")
 	flag.StringVar(&cfg.out, "out", "lab-report", "report directory")
-	flag.IntVar(&cfg.nodes, "nodes", 2, "node namespaces")
-	flag.IntVar(&cfg.replicas, "replicas", 3, "server pods behind the Service")
+	flag.StringVar(&cfg.coredns, "coredns", os.Getenv("MINIPROXY_COREDNS"), "CoreDNS binary built by hack/lab.sh (hack/coredns); empty skips gRPC (c)")
 	flag.Parse()
+	var err error
+	if cfg.modes, cfg.experiments, err = parseSelection(mode, exp); err != nil {
+		fmt.Fprintf(os.Stderr, "lab: %v\n", err)
+		os.Exit(2)
+	}
 	if err := run(cfg); err != nil {
 		fmt.Fprintf(os.Stderr, "lab: FAILED: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+func parseSelection(mode, exp string) (modes, exps []string, err error) {
+	for _, m := range strings.Split(mode, ",") {
+		switch m = strings.TrimSpace(m); m {
+		case "iptables", "nftables", "ipvs":
+			modes = append(modes, m)
+		case "all":
+			modes = append(modes, "iptables", "nftables")
+		case "":
+		default:
+			return nil, nil, fmt.Errorf("unknown mode %q (iptables, nftables, ipvs)", m)
+		}
+	}
+	for _, e := range strings.Split(exp, ",") {
+		switch e = strings.TrimSpace(e); {
+		case e == "all":
+			exps = append(exps, allExperiments...)
+		case slices.Contains(allExperiments, e):
+			exps = append(exps, e)
+		case e == "":
+		default:
+			return nil, nil, fmt.Errorf("unknown experiment %q (all, %s)", e, strings.Join(allExperiments, ", "))
+		}
+	}
+	if len(modes) == 0 || len(exps) == 0 {
+		return nil, nil, errors.New("no mode or no experiment selected")
+	}
+	return slices.Compact(modes), slices.Compact(exps), nil
 }
 
 func envOr(k, def string) string {
@@ -56,18 +106,16 @@ func envOr(k, def string) string {
 	return def
 }
 
-// progress prints numbered steps with their duration.
+// progress prints steps with their duration.
 type progress struct {
 	start, stepStart time.Time
-	n, total         int
 	name             string
 }
 
 func (p *progress) step(name string) {
 	p.done()
-	p.n++
 	p.name, p.stepStart = name, time.Now()
-	fmt.Printf("[lab %6.1fs] step %d/%d: %s …\n", time.Since(p.start).Seconds(), p.n, p.total, name)
+	fmt.Printf("[lab %6.1fs] %s …\n", time.Since(p.start).Seconds(), name)
 }
 
 func (p *progress) done() {
@@ -81,193 +129,136 @@ func (p *progress) log(format string, args ...any) {
 	fmt.Printf("[lab %6.1fs]   %s\n", time.Since(p.start).Seconds(), fmt.Sprintf(format, args...))
 }
 
-// Results is results.json.
-type Results struct {
-	Mode        string           `json:"mode"`
-	Connections int              `json:"connections"`
-	Errors      int              `json:"errors"`
-	Endpoints   []EndpointResult `json:"endpoints"`
-	ChiSquare   float64          `json:"chi_square"`
-	DF          int              `json:"degrees_of_freedom"`
-	PValue      float64          `json:"p_value"`
-	Uniform     bool             `json:"consistent_with_uniform"` // p >= 0.01
-	ElapsedSec  float64          `json:"connections_elapsed_seconds"`
-	Service     string           `json:"service"`
-	VIP         string           `json:"vip"`
-	Client      string           `json:"client"`
-	ClientNode  string           `json:"client_node"`
-	Kernel      string           `json:"kernel"`
-	GoVersion   string           `json:"go_version"`
-	K8sVersion  string           `json:"kube_apiserver_version"`
-	Timestamp   string           `json:"timestamp"`
-}
-
-// EndpointResult is one endpoint's share.
-type EndpointResult struct {
-	Name     string  `json:"name"`
-	IP       string  `json:"ip"`
-	Node     string  `json:"node"`
-	SameNode bool    `json:"same_node_as_client"`
-	Count    int     `json:"count"`
-	Share    float64 `json:"share"`
-	Expected float64 `json:"expected"`
-}
-
-func run(cfg config) (err error) {
-	p := &progress{start: time.Now(), total: 8}
-	p.step("checking prerequisites")
+func run(cfg config) error {
+	p := &progress{start: time.Now()}
+	res := &Results{
+		Modes: cfg.modes, Experiments: cfg.experiments, Connections: cfg.connections,
+		Kernel: kernel(), GoVersion: runtime.Version(), K8sVersion: framework.K8sVersion,
+		Timestamp: time.Now().UTC().Format(time.RFC3339), IPVS: ipvsGuestResults(),
+	}
 	if err := framework.RequireRoot(); err != nil {
 		return err
 	}
+	var failed []string
+	for _, mode := range cfg.modes {
+		mr := &ModeResult{Mode: mode}
+		res.Results = append(res.Results, mr)
+		if mode == "ipvs" {
+			if _, err := os.Stat("/proc/net/ip_vs"); err != nil {
+				mr.Skipped = "this kernel has no ip_vs; the IPVS column comes from the qemu guest suite (make guest → e2e-results/ipvs-guest*.json)"
+				p.log("ipvs: skipped: %s", mr.Skipped)
+				continue
+			}
+		}
+		t0 := time.Now()
+		if err := runMode(cfg, mode, mr, p); err != nil {
+			mr.Errors = append(mr.Errors, err.Error())
+			failed = append(failed, fmt.Sprintf("%s: %v", mode, err))
+		}
+		mr.ElapsedSec = time.Since(t0).Seconds()
+		// Write after every mode so an interrupted run still leaves numbers.
+		if err := writeReport(cfg.out, res); err != nil {
+			return err
+		}
+	}
+	p.step("writing plots")
+	res.ElapsedSec = time.Since(p.start).Seconds()
+	if err := writePlots(cfg.out, res); err != nil {
+		res.PlotError = err.Error()
+	}
+	if err := writeReport(cfg.out, res); err != nil {
+		return err
+	}
+	p.done()
+	fmt.Printf("\n%s\nreport: %s (%.0fs)\n", summary(res), filepath.Join(cfg.out, "report.md"), res.ElapsedSec)
+	if len(failed) > 0 {
+		return fmt.Errorf("%s", strings.Join(failed, "; "))
+	}
+	return nil
+}
+
+// lab is one mode's cluster.
+type lab struct {
+	cfg    config
+	mode   string
+	p      *progress
+	env    *framework.Env
+	cl     *framework.Cluster
+	nodes  []*framework.Node
+	client *framework.Pod
+	web    *framework.Deployment
+}
+
+func runMode(cfg config, mode string, mr *ModeResult, p *progress) (err error) {
+	p.step(mode + ": starting etcd + kube-apiserver " + framework.K8sVersion)
 	env, err := framework.NewEnv(framework.Options{Log: p.log})
 	if err != nil {
 		return err
 	}
-	if _, err := env.MiniproxyBin(); err != nil {
-		return err
-	}
 	stop := env.HandleSignals(nil)
 	defer func() {
-		p.step("tearing down")
+		p.step(mode + ": tearing down")
 		if cerr := env.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("teardown: %w", cerr)
 		}
 		stop()
 		p.done()
 	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	if _, err := env.MiniproxyBin(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-
-	p.step("starting etcd + kube-apiserver " + framework.K8sVersion)
 	cl, err := framework.StartCluster(ctx, env)
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(filepath.Join(env.K8sBin, "kubectl")); err == nil {
-		p.log("kubectl: ip netns exec %s %s/kubectl --kubeconfig %s get nodes", cl.CP.NS.Name, env.K8sBin, cl.CP.AdminKubeconfig)
-	}
+	l := &lab{cfg: cfg, mode: mode, p: p, env: env, cl: cl}
 
-	p.step(fmt.Sprintf("creating %d node namespaces", cfg.nodes))
-	nodes, err := cl.AddNodes(ctx, "node", cfg.nodes)
-	if err != nil {
+	p.step(mode + ": 2 node namespaces, miniproxy --proxy-mode=" + mode)
+	if l.nodes, err = cl.AddNodes(ctx, "node", 2); err != nil {
 		return err
 	}
-
-	p.step("starting miniproxy --proxy-mode=" + cfg.mode + " on every node")
-	for _, n := range nodes {
-		if _, err := cl.StartProxy(ctx, n, framework.ProxyOptions{Mode: cfg.mode}); err != nil {
+	for _, n := range l.nodes {
+		if _, err := cl.StartProxy(ctx, n, framework.ProxyOptions{Mode: mode}); err != nil {
 			return err
 		}
 	}
-
-	p.step(fmt.Sprintf("creating Service lab/web and %d server pods + 1 client pod", cfg.replicas))
-	if _, err := cl.Admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "lab"}}, metav1.CreateOptions{}); err != nil {
-		return fmt.Errorf("namespace lab: %w", err)
+	if _, err := cl.Admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("namespace %s: %w", ns, err)
 	}
-	svc, err := cl.CreateService(ctx, framework.ClusterIPService("lab", "web"))
-	if err != nil {
+	if l.client, err = l.nodes[0].NewPod(ctx, "client"); err != nil {
 		return err
 	}
-	dep, err := cl.Deploy(ctx, framework.DeploymentSpec{Namespace: "lab", Name: "web", Replicas: cfg.replicas, Nodes: nodes})
-	if err != nil {
+	p.step(mode + ": Service lab/web, 3 server pods")
+	if _, err := cl.CreateService(ctx, framework.ClusterIPService(ns, "web")); err != nil {
 		return err
 	}
-	client, err := nodes[0].NewPod(ctx, "client")
-	if err != nil {
+	if l.web, err = cl.Deploy(ctx, framework.DeploymentSpec{Namespace: ns, Name: "web", Replicas: 3, Nodes: l.nodes}); err != nil {
 		return err
-	}
-	vip := framework.VIP(svc, "tcp")
-	p.log("Service lab/web ClusterIP %s, pods %v, client on %s", vip, dep.PodNames(), client.Node.Name)
-
-	p.step("waiting until the VIP reaches every endpoint")
-	want := dep.PodNames()
-	err = framework.WaitFor(ctx, 60*time.Second, 200*time.Millisecond, func() (bool, error) {
-		c, err := client.TCPCounts(ctx, vip, 60)
-		return err == nil && c.Errors == 0 && len(c.ByName) == len(want), err
-	})
-	if err != nil {
-		return fmt.Errorf("VIP %s did not reach all of %v: %w", vip, want, err)
 	}
 
-	p.step(fmt.Sprintf("opening %d short TCP connections to %s", cfg.connections, vip))
-	t0 := time.Now()
-	counts, err := client.TCPCounts(ctx, vip, cfg.connections)
-	if err != nil {
-		return err
+	// Each experiment records its own error and the next one still runs.
+	var errs []error
+	runExp := func(name string, fn func(context.Context) error) {
+		if !cfg.has(name) {
+			return
+		}
+		if err := fn(ctx); err != nil {
+			p.log("%s: %s FAILED: %v", mode, name, err)
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+		}
 	}
-	elapsed := time.Since(t0)
-
-	res := analyse(cfg, counts, dep.Pods(), client, elapsed)
-	res.Service, res.VIP = "lab/web", vip
-	if err := writeReport(cfg.out, res); err != nil {
-		return err
-	}
-	p.done()
-	fmt.Print(markdown(res))
-	fmt.Printf("report: %s\n", filepath.Join(cfg.out, "report.md"))
-	if res.Errors > 0 {
-		return fmt.Errorf("%d of %d connections failed (first: %v)", res.Errors, cfg.connections, counts.FirstErr)
-	}
-	return nil
+	runExp("spread", func(ctx context.Context) error { return l.spread(ctx, mr) })
+	runExp("pin", func(ctx context.Context) error { return l.pin(ctx, mr) })
+	runExp("stale", func(ctx context.Context) error { return l.stale(ctx, mr) })
+	runExp("affinity", func(ctx context.Context) error { return l.affinity(ctx, mr) })
+	runExp("grpc", func(ctx context.Context) error { return l.grpc(ctx, mr) })
+	return errors.Join(errs...)
 }
 
-func analyse(cfg config, counts framework.Counts, pods []*framework.Pod, client *framework.Pod, elapsed time.Duration) Results {
-	res := Results{
-		Mode: cfg.mode, Connections: cfg.connections, Errors: counts.Errors,
-		Client: client.Name, ClientNode: client.Node.Name,
-		ElapsedSec: elapsed.Seconds(), Kernel: kernel(), GoVersion: runtime.Version(),
-		K8sVersion: framework.K8sVersion, Timestamp: time.Now().UTC().Format(time.RFC3339),
-	}
-	total := counts.Total()
-	expected := float64(total) / float64(len(pods))
-	obs := make([]float64, 0, len(pods))
-	for _, p := range pods {
-		n := counts.ByName[p.Name]
-		obs = append(obs, float64(n))
-		res.Endpoints = append(res.Endpoints, EndpointResult{
-			Name: p.Name, IP: p.IP.String(), Node: p.Node.Name, SameNode: p.Node == client.Node,
-			Count: n, Share: float64(n) / math.Max(1, float64(total)), Expected: expected,
-		})
-	}
-	res.ChiSquare, res.DF, res.PValue = chiSquareUniform(obs)
-	res.Uniform = res.PValue >= 0.01
-	return res
-}
-
-func markdown(r Results) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "# miniproxy lab: endpoint distribution (%s mode)\n\n", r.Mode)
-	fmt.Fprintf(&b, "%d short TCP connections from pod `%s` (node %s) to ClusterIP Service `%s` (%s), %d failed, in %.2fs.\n\n",
-		r.Connections, r.Client, r.ClientNode, r.Service, r.VIP, r.Errors, r.ElapsedSec)
-	b.WriteString("| endpoint | IP | node | same node as client | connections | share | expected |\n|---|---|---|---|---:|---:|---:|\n")
-	for _, e := range r.Endpoints {
-		fmt.Fprintf(&b, "| %s | %s | %s | %v | %d | %.1f%% | %.1f |\n", e.Name, e.IP, e.Node, e.SameNode, e.Count, 100*e.Share, e.Expected)
-	}
-	verdict := "consistent with a uniform spread (p ≥ 0.01)"
-	if !r.Uniform {
-		verdict = "NOT consistent with a uniform spread (p < 0.01)"
-	}
-	fmt.Fprintf(&b, "\nChi-square goodness of fit against uniform: χ² = %.3f, df = %d, p = %.4f — %s.\n\n", r.ChiSquare, r.DF, r.PValue, verdict)
-	fmt.Fprintf(&b, "kube-apiserver %s, kernel %s, %s, %s.\n", r.K8sVersion, r.Kernel, r.GoVersion, r.Timestamp)
-	return b.String()
-}
-
-func writeReport(dir string, r Results) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("report dir: %w", err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "report.md"), []byte(markdown(r)), 0o644); err != nil {
-		return fmt.Errorf("write report: %w", err)
-	}
-	js, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return fmt.Errorf("marshal results: %w", err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "results.json"), append(js, '\n'), 0o644); err != nil {
-		return fmt.Errorf("write results: %w", err)
-	}
-	return nil
-}
+// ns is the Kubernetes namespace of every lab object.
+const ns = "lab"
 
 func kernel() string {
 	out, err := exec.Command("uname", "-r").Output()
@@ -275,71 +266,4 @@ func kernel() string {
 		return "unknown"
 	}
 	return strings.TrimSpace(string(out))
-}
-
-// chiSquareUniform tests observed counts against equal expected counts and
-// returns the statistic, degrees of freedom and the upper-tail p-value.
-func chiSquareUniform(obs []float64) (stat float64, df int, p float64) {
-	if len(obs) < 2 {
-		return 0, 0, 1
-	}
-	total := 0.0
-	for _, o := range obs {
-		total += o
-	}
-	if total == 0 {
-		return 0, len(obs) - 1, 1
-	}
-	e := total / float64(len(obs))
-	for _, o := range obs {
-		stat += (o - e) * (o - e) / e
-	}
-	df = len(obs) - 1
-	return stat, df, upperGammaQ(float64(df)/2, stat/2)
-}
-
-// upperGammaQ is the regularized upper incomplete gamma function Q(a, x),
-// the chi-square survival function at 2x with 2a degrees of freedom. It uses
-// the power series for x < a+1 and Lentz's continued fraction otherwise.
-func upperGammaQ(a, x float64) float64 {
-	if x <= 0 {
-		return 1
-	}
-	lg, _ := math.Lgamma(a)
-	prefix := math.Exp(-x + a*math.Log(x) - lg)
-	if x < a+1 {
-		sum, term := 1/a, 1/a
-		for n := 1; n < 1000; n++ {
-			term *= x / (a + float64(n))
-			sum += term
-			if math.Abs(term) < math.Abs(sum)*1e-15 {
-				break
-			}
-		}
-		return 1 - prefix*sum
-	}
-	const tiny = 1e-300
-	b := x + 1 - a
-	c := 1 / tiny
-	d := 1 / b
-	h := d
-	for i := 1; i < 1000; i++ {
-		an := -float64(i) * (float64(i) - a)
-		b += 2
-		d = an*d + b
-		if math.Abs(d) < tiny {
-			d = tiny
-		}
-		c = b + an/c
-		if math.Abs(c) < tiny {
-			c = tiny
-		}
-		d = 1 / d
-		delta := d * c
-		h *= delta
-		if math.Abs(delta-1) < 1e-15 {
-			break
-		}
-	}
-	return prefix * h
 }
