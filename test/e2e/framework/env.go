@@ -134,6 +134,10 @@ func (e *Env) Close() error { return e.cleanups.Run(e.Log) }
 func (e *Env) HandleSignals(before func()) (stop func()) {
 	ch := make(chan os.Signal, 1)
 	signal.Notify(ch, os.Interrupt, syscall.SIGTERM)
+	// When `go test` itself is interrupted it exits and closes our stderr
+	// pipe; a progress line written during teardown would then raise
+	// SIGPIPE and kill us halfway, leaving namespaces behind.
+	signal.Ignore(syscall.SIGPIPE)
 	done := make(chan struct{})
 	go func() {
 		select {
