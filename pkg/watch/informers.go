@@ -33,26 +33,29 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 		}))
 
 	svcInf := factory.Core().V1().Services().Informer()
-	if _, err := svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	svcReg, err := svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onService(t, obj, false); onChange() },
 		UpdateFunc: func(_, obj any) { onService(t, obj, false); onChange() },
 		DeleteFunc: func(obj any) { onService(t, obj, true); onChange() },
-	}); err != nil {
+	})
+	if err != nil {
 		return fmt.Errorf("service handler: %w", err)
 	}
 	sliceInf := sliceFactory.Discovery().V1().EndpointSlices().Informer()
-	if _, err := sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	sliceReg, err := sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onSlice(t, obj, false); onChange() },
 		UpdateFunc: func(_, obj any) { onSlice(t, obj, false); onChange() },
 		DeleteFunc: func(obj any) { onSlice(t, obj, true); onChange() },
-	}); err != nil {
+	})
+	if err != nil {
 		return fmt.Errorf("endpointslice handler: %w", err)
 	}
 	nodeInf := nodeFactory.Core().V1().Nodes().Informer()
-	if _, err := nodeInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	nodeReg, err := nodeInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onNode(t, obj); onChange() },
 		UpdateFunc: func(_, obj any) { onNode(t, obj); onChange() },
-	}); err != nil {
+	})
+	if err != nil {
 		return fmt.Errorf("node handler: %w", err)
 	}
 
@@ -61,7 +64,11 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 	}
 	syncCtx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
-	if !cache.WaitForCacheSync(syncCtx.Done(), svcInf.HasSynced, sliceInf.HasSynced, nodeInf.HasSynced) {
+	// Wait for the handlers, not only the stores: an informer's store can be
+	// synced while its handler is still being fed the initial list, and a
+	// first sync from a half-fed tracker would program a fraction of the
+	// cluster (then trickle the rest in as partial syncs).
+	if !cache.WaitForCacheSync(syncCtx.Done(), svcReg.HasSynced, sliceReg.HasSynced, nodeReg.HasSynced) {
 		return fmt.Errorf("informer caches did not sync: %w", context.Cause(syncCtx))
 	}
 	return nil
