@@ -26,15 +26,17 @@ type Results struct {
 
 // ModeResult is one proxy mode's measurements.
 type ModeResult struct {
-	Mode       string    `json:"mode"`
-	Skipped    string    `json:"skipped,omitempty"`
-	Errors     []string  `json:"errors,omitempty"`
-	ElapsedSec float64   `json:"elapsed_seconds"`
-	Spread     []Spread  `json:"spread,omitempty"`
-	Pin        *Pin      `json:"pin,omitempty"`
-	Stale      []*Stale  `json:"stale_udp,omitempty"`
-	Affinity   *Affinity `json:"affinity,omitempty"`
-	GRPC       *GRPC     `json:"grpc,omitempty"`
+	Mode    string   `json:"mode"`
+	Skipped string   `json:"skipped,omitempty"`
+	Errors  []string `json:"errors,omitempty"`
+	// TeardownNote records a teardown step that needed force (not an error).
+	TeardownNote string    `json:"teardown_note,omitempty"`
+	ElapsedSec   float64   `json:"elapsed_seconds"`
+	Spread       []Spread  `json:"spread,omitempty"`
+	Pin          *Pin      `json:"pin,omitempty"`
+	Stale        []*Stale  `json:"stale_udp,omitempty"`
+	Affinity     *Affinity `json:"affinity,omitempty"`
+	GRPC         *GRPC     `json:"grpc,omitempty"`
 }
 
 // ipvsGuestResults says where the IPVS column comes from: this kernel has no
