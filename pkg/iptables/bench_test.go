@@ -33,9 +33,12 @@ func benchmarkRender(b *testing.B, n int) {
 	b.ResetTimer()
 	var lines int
 	for i := 0; i < b.N; i++ {
-		t, _, _ := renderFull(r, snap, base, nil)
-		_ = t.String()
-		lines = t.lines
+		p := renderFull(r, snap, base, nil, coldChunk)
+		for _, c := range p.chunks {
+			_ = c.String()
+		}
+		_ = p.final.String()
+		lines = p.lines()
 	}
 	b.ReportMetric(float64(lines), "lines")
 }

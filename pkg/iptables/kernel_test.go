@@ -171,3 +171,26 @@ func TestKernelDriftRepair(t *testing.T) {
 		t.Fatalf("full sync did not repair: %v", got)
 	}
 }
+
+// TestKernelChunkedFullSync: a full sync larger than one chunk still programs
+// every Service, including the last one, and a second full sync (chains now
+// exist and are refilled) keeps them working.
+func TestKernelChunkedFullSync(t *testing.T) {
+	l := newLab(t, "10.180.0.5", "10.180.0.6")
+	snap := scaleSnapshot(2*coldChunk+50, 2)
+	last := mt.SP("zz", "last", "", "172.31.255.1", 80, mt.Ep("10.180.0.5", 8080, "node-a"), mt.Ep("10.180.0.6", 8080, "node-a"))
+	snap.Services[last.Name] = last
+	var restores int
+	l.backend.OnRestore = func(model.Family, string) { restores++ }
+	l.sync(t, snap, true)
+	if restores < 3 {
+		t.Fatalf("want the full sync split into chunks, got %d restores", restores)
+	}
+	if got := l.counts(t, "tcp", "172.31.255.1:80", 20); got["poda"]+got["podb"] != 20 || len(got) != 2 {
+		t.Fatalf("last service after a chunked sync: %v", got)
+	}
+	l.sync(t, snap, true)
+	if got := l.counts(t, "tcp", "172.31.255.1:80", 10); got["poda"]+got["podb"] != 10 {
+		t.Fatalf("after a second full sync: %v", got)
+	}
+}

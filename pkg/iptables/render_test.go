@@ -23,8 +23,7 @@ func cfg() proxy.Config {
 func renderText(t *testing.T, c proxy.Config, fam model.Family, snap *model.Snapshot) string {
 	t.Helper()
 	r := &Renderer{Cfg: c, Family: fam}
-	text, _, _ := renderFull(r, snap, r.RenderBase(snap.Node), nil)
-	return text.String()
+	return renderFull(r, snap, r.RenderBase(snap.Node), nil, 0).final.String()
 }
 
 func golden(t *testing.T, name, got string) {

@@ -50,6 +50,15 @@ func (t *restoreText) empty() bool {
 // that a partial sync touching only nat does not lock filter.
 func (t *restoreText) String() string {
 	var b strings.Builder
+	size := 0
+	for _, m := range []map[Table][]string{t.declare, t.deletes, t.rules, t.remove} {
+		for _, lines := range m {
+			for _, l := range lines {
+				size += len(l) + 1
+			}
+		}
+	}
+	b.Grow(size + 64)
 	t.lines = 0
 	for _, table := range []Table{NAT, Filter} {
 		if len(t.declare[table])+len(t.deletes[table])+len(t.rules[table])+len(t.remove[table]) == 0 {

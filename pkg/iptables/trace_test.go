@@ -41,7 +41,7 @@ type outcome struct {
 func newTracer(cfg proxy.Config, snap *model.Snapshot, fam model.Family) (*tracer, error) {
 	r := &Renderer{Cfg: cfg, Family: fam}
 	base := r.RenderBase(snap.Node)
-	text, _, _ := renderFull(r, snap, base, nil)
+	text := renderFull(r, snap, base, nil, 0).final
 	tr := &tracer{chains: map[Table]map[string][][]string{NAT: {}, Filter: {}}, hooks: base.Hooks, local: behavior.LocalAddrs(), fam: fam}
 	var table Table
 	for _, line := range strings.Split(text.String(), "\n") {
