@@ -53,11 +53,6 @@ func replacePlan(t *rs.Table) *plan {
 	return p
 }
 
-func (p *plan) empty() bool {
-	return !p.replace && len(p.addSets) == 0 && len(p.addChains) == 0 && len(p.writeChains) == 0 &&
-		len(p.delElems) == 0 && len(p.addElems) == 0 && len(p.delChains) == 0 && len(p.delSets) == 0
-}
-
 // diffObjects adds to p what turns the objects old into new (either may be
 // empty): chains and sets by name, elements by map and key.
 func (p *plan) diffObjects(oldChains, newChains []*rs.Chain, oldSets, newSets []*rs.Set,

@@ -121,6 +121,12 @@ func TestExternalTrafficPolicyLocalNoEndpoint(t *testing.T) {
 		}
 		row.Note("node without endpoint drops")
 		addr = extHostPort(without.IP, np)
+		// The rules can mention the NodePort before this node's proxy has
+		// seen the EndpointSlice: until then the Service has no endpoints at
+		// all and is rightly rejected. Wait (bounded) for the switch to drop.
+		if got, err := extWaitOutcome(ctx, x.NS, addr, framework.Dropped, 1500*time.Millisecond, 30*time.Second); err != nil {
+			t.Fatalf("eTP Local NodePort %s on %s never started dropping: last %v: %v", addr, without.Name, got, err)
+		}
 		extExpectAll(t, ctx, x.NS, addr, framework.Dropped, 1500*time.Millisecond,
 			fmt.Sprintf("eTP Local NodePort %s on %s (no local endpoint)", addr, without.Name))
 		row.Note("")
