@@ -127,7 +127,7 @@ func markdown(r *Results) string {
 	w("Each mode runs in its own cluster: real etcd + kube-apiserver, two node namespaces with miniproxy in that mode, server pods spread over both nodes, one client pod on node-0. %s.\n\n", r.IPVS)
 
 	w("## 1. Per-connection spread\n\n")
-	w("Every new TCP connection / UDP flow to the ClusterIP is one random draw in the node's NAT rules. iptables: the Service chain has one rule per endpoint, rule k matching with probability 1/(n−k) (1/n, 1/(n−1), …, 1), so each endpoint gets 1/n overall. nftables: one `numgen random mod n` picks an element of a verdict map, 1/n each. Both predict a uniform spread; the chi-square goodness-of-fit test (df = n−1) checks the counts against it. A p-value below 0.001 (χ² above the 0.1%% critical value) would mean the rules are not uniform.\n\n")
+	w("Every new TCP connection / UDP flow to the ClusterIP is one random draw in the node's NAT rules. iptables: the Service chain has one rule per endpoint, rule k matching with probability 1/(n−k) (1/n, 1/(n−1), …, 1), so each endpoint gets 1/n overall. nftables (miniproxy's shape): a cascade of `numgen random mod (n−k) 0` rules with a fresh draw each, the same 1/(n−k) sequence (upstream kube-proxy's nftables mode instead makes one `numgen random mod n` draw into an anonymous verdict map, 1/n each). Both predict a uniform spread; the chi-square goodness-of-fit test (df = n−1) checks the counts against it. A p-value below 0.001 (χ² above the 0.1%% critical value) would mean the rules are not uniform.\n\n")
 	w("| mode | proto | endpoints | counts | χ² | df | p | 0.1%% critical | within | rule probabilities |\n|---|---|---:|---|---:|---:|---:|---:|---|---|\n")
 	for _, m := range r.Results {
 		for _, s := range m.Spread {

@@ -37,16 +37,13 @@ type EndpointCount struct {
 // ruleProbabilities is the per-rule probability each mode's rules carry for n
 // endpoints. iptables: rule k is tried only by packets that missed rules
 // 0..k-1 and matches with 1/(n-k), so each endpoint gets 1/n overall.
-// nftables: one `numgen random mod n` draw maps straight to endpoint k with
-// 1/n. Both predict a uniform spread; the chi-square test checks it.
+// nftables (miniproxy's shape, not upstream's single vmap): a cascade of
+// `numgen random mod (n-k) 0` rules, a fresh draw per rule, so the same
+// 1/(n-k) sequence. Both predict a uniform spread; the chi-square test checks it.
 func ruleProbabilities(mode string, n int) []float64 {
 	out := make([]float64, n)
 	for k := range out {
-		if mode == "iptables" {
-			out[k] = 1 / float64(n-k)
-		} else {
-			out[k] = 1 / float64(n)
-		}
+		out[k] = 1 / float64(n-k)
 	}
 	return out
 }
