@@ -522,7 +522,7 @@ func (l *lab) startCoreDNS(ctx context.Context) (*DNSInfo, error) {
 }
 `, l.cl.CP.AdminKubeconfig)
 	if err := os.WriteFile(corefile, []byte(conf), 0o644); err != nil {
-		return nil, fmt.Errorf("Corefile: %w", err)
+		return nil, fmt.Errorf("write Corefile: %w", err)
 	}
 	proc, err := l.env.StartProcess(l.cl.CP.NS, "coredns", l.cfg.coredns, "-conf", corefile)
 	if err != nil {
