@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"flag"
@@ -85,8 +84,9 @@ func grpcClient(ctx context.Context, args []string) error {
 		defer cc.Close()
 		pool = append(pool, cc)
 	}
-	out := bufio.NewWriter(os.Stdout)
-	defer out.Flush()
+	// Unbuffered on purpose: a caller may follow the output while the
+	// client runs (the lab waits for the first answers before it scales).
+	out := os.Stdout
 	for i := 0; (*rpcs == 0 || i < *rpcs) && ctx.Err() == nil; i++ {
 		rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
 		reply := new(wrapperspb.StringValue)

@@ -65,6 +65,9 @@ type ScaleUp struct {
 	FirstNewSec float64 `json:"first_new_pod_seconds"`
 	AllNewSec   float64 `json:"all_new_pods_seconds"`
 	WindowSec   float64 `json:"window_seconds"`
+	// BaselineRPCs answered before the scale-up (0 makes the reaction
+	// time meaningless: the client was not running on the old set yet).
+	BaselineRPCs int `json:"baseline_rpcs"`
 	// ResolverUpdateSec (f only): slice update → resolver hands gRPC 6 addresses.
 	ResolverUpdateSec float64  `json:"resolver_update_seconds,omitempty"`
 	Timeline          Timeline `json:"timeline"`
@@ -239,7 +242,7 @@ func (l *lab) grpc(ctx context.Context, mr *ModeResult) error {
 	} else {
 		res.DNS = info
 		dnsTarget = fmt.Sprintf("dns://%s/%s:%d", info.Server, info.Name, grpcPort)
-		samples, err := l.podClient(ctx, dnsTarget, fmt.Sprintf("--rpcs=%d", l.cfg.connections), "--duration=60s")
+		samples, err := l.podClient(ctx, dnsTarget, nil, fmt.Sprintf("--rpcs=%d", l.cfg.connections), "--duration=60s")
 		if err != nil {
 			return err
 		}
@@ -281,15 +284,20 @@ func (l *lab) grpc(ctx context.Context, mr *ModeResult) error {
 	}
 	if dnsTarget != "" {
 		runs = append(runs, run{"c: headless + dns:/// + round_robin (CoreDNS)", plain, func(ctx context.Context, scale func(time.Time)) ([]sample, error) {
-			total := scaleAt + scaleWindow
-			go func() {
+			// The client runs in the pod; scale only once it has answers
+			// (DNS resolved, connections up), then stop it scaleWindow later.
+			control := func(proc *framework.Process) {
+				_ = framework.WaitFor(ctx, 15*time.Second, 50*time.Millisecond, func() (bool, error) {
+					return countAnswers(proc.LogPath) >= 100, nil
+				})
+				scale(time.Now())
 				select {
 				case <-ctx.Done():
-				case <-time.After(scaleAt):
-					scale(time.Now())
+				case <-time.After(scaleWindow):
 				}
-			}()
-			return l.podClient(ctx, dnsTarget, "--rpcs=0", "--interval="+streamEvery.String(), "--duration="+total.String())
+				_ = proc.Stop(5 * time.Second)
+			}
+			return l.podClient(ctx, dnsTarget, control, "--rpcs=0", "--interval="+streamEvery.String(), "--duration=60s")
 		}})
 	}
 	for _, r := range runs {
@@ -373,6 +381,9 @@ func scaleUpResult(variant string, samples []sample, start, scaledAt time.Time, 
 	su := ScaleUp{Variant: variant, FirstNewSec: -1, AllNewSec: -1, WindowSec: scaleWindow.Seconds()}
 	seen := map[string]bool{}
 	for _, s := range samples {
+		if s.t.Before(scaledAt) && s.name != "" {
+			su.BaselineRPCs++
+		}
 		if s.t.Before(scaledAt) || !slices.Contains(newPods, s.name) {
 			continue
 		}
@@ -469,11 +480,15 @@ func (l *lab) waitGRPC(ctx context.Context, vip string, want []string) error {
 
 // podClient runs `podserver grpc-client` inside the client pod (so DNS
 // resolution happens from the pod) and parses its per-RPC lines.
-func (l *lab) podClient(ctx context.Context, target string, args ...string) ([]sample, error) {
+// control, if set, runs while the client runs and may stop it early.
+func (l *lab) podClient(ctx context.Context, target string, control func(*framework.Process), args ...string) ([]sample, error) {
 	args = append([]string{"grpc-client", "--target", target, "--lb", "round_robin"}, args...)
 	proc, err := l.env.StartProcess(l.client.NS, fmt.Sprintf("grpc-client-%d", time.Now().UnixNano()), filepath.Join(l.env.BinDir, "podserver"), args...)
 	if err != nil {
 		return nil, err
+	}
+	if control != nil {
+		control(proc)
 	}
 	if err := framework.WaitFor(ctx, 90*time.Second, 50*time.Millisecond, func() (bool, error) {
 		exited, _ := proc.Exited()
@@ -503,6 +518,21 @@ func (l *lab) podClient(ctx context.Context, target string, args ...string) ([]s
 		out = append(out, sample{time.UnixMilli(v), name})
 	}
 	return out, sc.Err()
+}
+
+// countAnswers counts successful RPC lines in a grpc-client log so far.
+func countAnswers(path string) int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		if _, name, ok := strings.Cut(line, " "); ok && name != "" && !strings.HasPrefix(name, "ERR ") {
+			n++
+		}
+	}
+	return n
 }
 
 // startCoreDNS runs the lab's CoreDNS in the control-plane namespace with

@@ -181,7 +181,11 @@ func markdown(r *Results) string {
 			if s.ResolverUpdateSec > 0 {
 				ru = fmt.Sprintf("%.3f s", s.ResolverUpdateSec)
 			}
-			w("| %s | %s | %s | %s | %s |\n", m.Mode, s.Variant, secs(s.FirstNewSec), secs(s.AllNewSec), ru)
+			first := secs(s.FirstNewSec)
+			if s.BaselineRPCs == 0 {
+				first = "invalid: no answers before the scale-up"
+			}
+			w("| %s | %s | %s | %s | %s |\n", m.Mode, s.Variant, first, secs(s.AllNewSec), ru)
 		}
 		w("\n![grpc share over time](grpc-%s.png)\n\n", m.Mode)
 	}
