@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/miniproxy/miniproxy/test/e2e/framework"
 )
@@ -72,7 +73,7 @@ func TestLabClaims(t *testing.T) {
 	cfg := config{modes: []string{"iptables"}, experiments: []string{"spread", "grpc"}, out: t.TempDir(), connections: 1000,
 		coredns: os.Getenv("MINIPROXY_COREDNS")}
 	mr := &ModeResult{Mode: "iptables"}
-	if err := runMode(cfg, "iptables", mr, &progress{}); err != nil {
+	if err := runMode(cfg, "iptables", mr, &progress{start: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	for _, s := range mr.Spread {
