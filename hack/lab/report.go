@@ -195,7 +195,11 @@ func markdown(r *Results) string {
 	w("| mode | --conntrack-cleanup | before | answers after the change (in order) | moved to B | after |\n|---|---|---|---|---|---|\n")
 	for _, m := range r.Results {
 		for _, s := range m.Stale {
-			w("| %s | %v | %s | %s | %v | %.2f s |\n", m.Mode, s.Cleanup, s.Before, strings.Join(s.After, " → "), s.Switched, s.SwitchAfter)
+			after := "—"
+			if s.Switched {
+				after = fmt.Sprintf("%.2f s", s.SwitchAfter)
+			}
+			w("| %s | %v | %s | %s | %v | %s |\n", m.Mode, s.Cleanup, s.Before, strings.Join(s.After, " → "), s.Switched, after)
 		}
 	}
 
