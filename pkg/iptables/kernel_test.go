@@ -25,15 +25,8 @@ type lab struct {
 func newLab(t *testing.T, podIPs ...string) *lab {
 	t.Helper()
 	netnstest.RequireRoot(t, "iptables-restore", "iptables-save", "sysctl")
-	l := &lab{node: netnstest.New(t, "node"), pods: map[string]*netnstest.Pod{}}
-	l.node.MustRun(t, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-	for i, ip := range podIPs {
-		p := netnstest.AddPod(t, l.node, ip, "10.180.0.1")
-		name := "pod" + string(rune('a'+i))
-		p.ServeName(t, 8080, name)
-		l.pods[name] = p
-	}
-	l.client = netnstest.AddPod(t, l.node, "10.180.0.100", "10.180.0.1")
+	n := netnstest.NewNode(t, podIPs...)
+	l := &lab{node: n.NS, pods: n.Pods, client: n.Client}
 	b, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg(), ExecRunner("ip", "netns", "exec", l.node.Name))
 	if err != nil {
 		t.Fatal(err)

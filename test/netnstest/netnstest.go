@@ -212,3 +212,29 @@ func (n *NS) Ask(network, addr string, timeout time.Duration) (name, seenFrom st
 	}
 	return f[0], f[1], nil
 }
+
+// Node is the smallest topology where DNAT to pods can be observed with real
+// connections: a node namespace with forwarding on, routed pod namespaces
+// (pod names "poda", "podb", … in the order given) answering TCP and UDP on
+// port 8080 with their name, and a client pod at 10.180.0.100. Every pod's
+// gateway is 10.180.0.1 on the node side.
+type Node struct {
+	*NS
+	Pods   map[string]*Pod
+	Client *Pod
+}
+
+// NewNode builds a Node with one serving pod per address in podIPs.
+func NewNode(t testing.TB, podIPs ...string) *Node {
+	t.Helper()
+	n := &Node{NS: New(t, "node"), Pods: map[string]*Pod{}}
+	n.MustRun(t, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+	for i, ip := range podIPs {
+		p := AddPod(t, n.NS, ip, "10.180.0.1")
+		name := "pod" + string(rune('a'+i))
+		p.ServeName(t, 8080, name)
+		n.Pods[name] = p
+	}
+	n.Client = AddPod(t, n.NS, "10.180.0.100", "10.180.0.1")
+	return n
+}
