@@ -59,7 +59,10 @@ else
 	step "apt: all tools present (iptables nft conntrack ip ipset etcd)"
 fi
 ETCD=$(PATH=$PATH:/usr/sbin:/sbin command -v etcd)
-step "etcd: $("$ETCD" --version 2>/dev/null | head -1)"
+# Read whole outputs, then keep the first line: `cmd | head -1` under pipefail
+# fails with SIGPIPE whenever cmd writes after head has exited.
+etcd_version=$("$ETCD" --version 2>/dev/null || true)
+step "etcd: ${etcd_version%%$'\n'*}"
 
 # --- 2. kube-apiserver, kube-proxy, kubectl ---------------------------------
 command -v "$GO" >/dev/null || die "go not found on PATH (need Go 1.26)"
@@ -116,7 +119,8 @@ fi
 
 "$BINDIR/kube-apiserver" --version >&2
 if [[ -x $BINDIR/kubectl ]]; then
-	"$BINDIR/kubectl" version --client 2>&1 | head -1 >&2
+	kubectl_version=$("$BINDIR/kubectl" version --client 2>&1 || true)
+	echo "${kubectl_version%%$'\n'*}" >&2
 fi
 ln -sfn "$BINDIR" "$CACHE/k8s/current"
 step "done: binaries in $BINDIR (also $CACHE/k8s/current)"
