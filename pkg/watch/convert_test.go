@@ -147,3 +147,17 @@ func TestTrackerSharesUnchangedPorts(t *testing.T) {
 		t.Fatalf("deleted service still present: %v", s4.Sorted())
 	}
 }
+
+func TestStripForCacheDropsManagedFields(t *testing.T) {
+	s := svc("a", func(s *v1.Service) {
+		s.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl", Operation: metav1.ManagedFieldsOperationApply}}
+	})
+	out, err := stripForCache(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := out.(*v1.Service)
+	if len(got.ManagedFields) != 0 || got.Spec.ClusterIP != "172.30.0.1" {
+		t.Fatalf("managedFields must go, the spec must stay: %+v", got.ObjectMeta)
+	}
+}

@@ -33,6 +33,13 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 		}))
 
 	svcInf := factory.Core().V1().Services().Informer()
+	sliceInf := sliceFactory.Discovery().V1().EndpointSlices().Informer()
+	nodeInf := nodeFactory.Core().V1().Nodes().Informer()
+	for _, inf := range []cache.SharedIndexInformer{svcInf, sliceInf, nodeInf} {
+		if err := inf.SetTransform(stripForCache); err != nil {
+			return fmt.Errorf("informer transform: %w", err)
+		}
+	}
 	svcReg, err := svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onService(t, obj, false); onChange() },
 		UpdateFunc: func(_, obj any) { onService(t, obj, false); onChange() },
@@ -41,7 +48,6 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 	if err != nil {
 		return fmt.Errorf("service handler: %w", err)
 	}
-	sliceInf := sliceFactory.Discovery().V1().EndpointSlices().Informer()
 	sliceReg, err := sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onSlice(t, obj, false); onChange() },
 		UpdateFunc: func(_, obj any) { onSlice(t, obj, false); onChange() },
@@ -50,7 +56,6 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 	if err != nil {
 		return fmt.Errorf("endpointslice handler: %w", err)
 	}
-	nodeInf := nodeFactory.Core().V1().Nodes().Informer()
 	nodeReg, err := nodeInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onNode(t, obj); onChange() },
 		UpdateFunc: func(_, obj any) { onNode(t, obj); onChange() },
@@ -72,6 +77,16 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 		return fmt.Errorf("informer caches did not sync: %w", context.Cause(syncCtx))
 	}
 	return nil
+}
+
+// stripForCache drops what the proxy never reads before an object enters the
+// informer cache: managedFields alone are often larger than the rest of a
+// Service or EndpointSlice, and at 10k Services the cache is a large part of RSS.
+func stripForCache(obj any) (any, error) {
+	if m, ok := obj.(metav1.ObjectMetaAccessor); ok {
+		m.GetObjectMeta().SetManagedFields(nil)
+	}
+	return obj, nil
 }
 
 func onService(t *Tracker, obj any, deleted bool) {
