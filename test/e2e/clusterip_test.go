@@ -28,6 +28,23 @@ type fixture struct {
 // spread over the mode's nodes, plus one client pod per node.
 func newFixture(t *testing.T, ctx context.Context, me *framework.ModeEnv, name string, replicas int) *fixture {
 	t.Helper()
+	ns, svc, dep := deployService(t, ctx, me, name, replicas)
+	f := &fixture{me: me, ns: ns, svc: svc, dep: dep}
+	for i, n := range me.Nodes {
+		p, err := n.NewPod(ctx, fmt.Sprintf("%s-client-%d", name, i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = p.Delete() })
+		f.clients = append(f.clients, p)
+	}
+	return f
+}
+
+// deployService creates a namespace, a ClusterIP Service and a Deployment of
+// replicas pods spread over the mode's nodes (deleted at test end).
+func deployService(t *testing.T, ctx context.Context, me *framework.ModeEnv, name string, replicas int) (string, *corev1.Service, *framework.Deployment) {
+	t.Helper()
 	c := me.Cluster
 	ns, err := c.NewNamespace(ctx, name)
 	if err != nil {
@@ -42,16 +59,7 @@ func newFixture(t *testing.T, ctx context.Context, me *framework.ModeEnv, name s
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = dep.Delete() })
-	f := &fixture{me: me, ns: ns, svc: svc, dep: dep}
-	for i, n := range me.Nodes {
-		p, err := n.NewPod(ctx, fmt.Sprintf("%s-client-%d", name, i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = p.Delete() })
-		f.clients = append(f.clients, p)
-	}
-	return f
+	return ns, svc, dep
 }
 
 // waitExactly polls until connections from client reach exactly want (and

@@ -219,20 +219,7 @@ func TestPartialSync(t *testing.T) {
 		row.Note("starting a node with --sync-period 10s")
 		x, p := extraNode(t, ctx, me, "ps", "--sync-period", period.String())
 		client := newClient(t, ctx, x, "ps-client")
-		c := me.Cluster
-		ns, err := c.NewNamespace(ctx, "ps")
-		if err != nil {
-			t.Fatal(err)
-		}
-		svc, err := c.CreateService(ctx, framework.ClusterIPService(ns, "ps"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		dep, err := c.Deploy(ctx, framework.DeploymentSpec{Namespace: ns, Name: "ps", Replicas: 1, Nodes: me.Nodes})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = dep.Delete() })
+		_, svc, dep := deployService(t, ctx, me, "ps", 1)
 		addr := framework.VIP(svc, "tcp")
 		if got, err := waitExactly(ctx, "tcp", client, addr, dep.PodNames(), 60*time.Second); err != nil {
 			t.Fatalf("VIP %s never worked from %s: %v: %v", addr, x.Name, got, err)
@@ -268,7 +255,7 @@ func TestPartialSync(t *testing.T) {
 		}
 		row.Note("waiting for a periodic full sync")
 		var f2 float64
-		err = framework.WaitFor(ctx, 2*period+5*time.Second, 500*time.Millisecond, func() (bool, error) {
+		err := framework.WaitFor(ctx, 2*period+5*time.Second, 500*time.Millisecond, func() (bool, error) {
 			f2, _ = syncCounts(t, ctx, p)
 			return f2 > f1, nil
 		})
@@ -366,20 +353,7 @@ func TestDriftRepair(t *testing.T) {
 		row.Note("starting a node with --sync-period 5s")
 		x, _ := extraNode(t, ctx, me, "drift", "--sync-period", period.String())
 		client := newClient(t, ctx, x, "drift-client")
-		c := me.Cluster
-		ns, err := c.NewNamespace(ctx, "drift")
-		if err != nil {
-			t.Fatal(err)
-		}
-		svc, err := c.CreateService(ctx, framework.ClusterIPService(ns, "drift"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		dep, err := c.Deploy(ctx, framework.DeploymentSpec{Namespace: ns, Name: "drift", Replicas: 2, Nodes: me.Nodes})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = dep.Delete() })
+		_, svc, dep := deployService(t, ctx, me, "drift", 2)
 		addr := framework.VIP(svc, "tcp")
 		if got, err := waitExactly(ctx, "tcp", client, addr, dep.PodNames(), 60*time.Second); err != nil {
 			t.Fatalf("VIP %s never worked from %s: %v: %v", addr, x.Name, got, err)
@@ -405,7 +379,7 @@ func TestDriftRepair(t *testing.T) {
 			t.Fatalf("VIP %s kept answering right after its rules were deleted (4 tries)", addr)
 		}
 		row.Note("waiting for the repair")
-		err = framework.WaitFor(ctx, 3*period, 200*time.Millisecond, func() (bool, error) {
+		err := framework.WaitFor(ctx, 3*period, 200*time.Millisecond, func() (bool, error) {
 			return client.Answers(ctx, addr, 500*time.Millisecond), nil
 		})
 		if err != nil {
