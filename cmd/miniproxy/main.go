@@ -13,6 +13,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -126,6 +127,10 @@ func kubeClient(o *Options) (kubernetes.Interface, error) {
 	return kubernetes.NewForConfig(cfg)
 }
 
+// bulkSync is the number of changed service ports from which a sync counts
+// as bulk work worth returning memory after.
+const bulkSync = 1000
+
 func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Backend) error {
 	client, err := kubeClient(o)
 	if err != nil {
@@ -206,6 +211,14 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 		}
 		cleaner.clean(ctx, prev, snap)
 		prev = snap
+		if res.Changed >= bulkSync {
+			// A cold start or a resync of many Services leaves a heap several
+			// times the steady state (render output, netlink or restore
+			// buffers, the initial lists). Go returns it to the OS only
+			// gradually; hand it back now so a node's RSS reflects what the
+			// proxy keeps, not its peak. Costs one GC cycle, only after big syncs.
+			debug.FreeOSMemory()
+		}
 		log.Info("synced", "mode", o.Mode, "full", res.Full, "changed", res.Changed, "services", len(snap.Services), "rules", res.Rules, "took", took.Round(time.Microsecond))
 		return nil
 	}

@@ -165,6 +165,9 @@ func (b *Backend) syncFull(ctx context.Context, fs *familyState, snap *model.Sna
 		}
 	}
 	fs.base = &base
+	for name, sr := range plan.services {
+		plan.services[name] = sr.committed()
+	}
 	fs.services = plan.services
 	fs.chains = plan.want
 	return len(plan.services), plan.lines(), nil
@@ -212,7 +215,7 @@ func (b *Backend) syncPartial(ctx context.Context, fs *familyState, snap *model.
 		if snap.Services[name] == nil {
 			delete(fs.services, name)
 		} else {
-			fs.services[name] = sr
+			fs.services[name] = sr.committed()
 		}
 	}
 	return len(changed), t.lines, nil
