@@ -69,6 +69,24 @@ func TestValidateCost(t *testing.T) {
 		}
 	}
 	ep := netip.MustParseAddrPort("10.99.0.1:8080")
+	// A second, tiny table with its own nat base chain: whether validation
+	// is per table (what a sharded ruleset would rely on) or per namespace.
+	other := &gnft.Table{Name: "validate-probe", Family: gnft.TableFamilyIPv4}
+	otherChain := &gnft.Chain{Table: other, Name: "c"}
+	send(func(c *gnft.Conn) {
+		c.AddTable(other)
+		prio := gnft.ChainPriority(-99)
+		c.AddChain(&gnft.Chain{Table: other, Name: "pre", Type: gnft.ChainTypeNAT, Hooknum: gnft.ChainHookPrerouting, Priority: &prio})
+		c.AddChain(otherChain)
+	})
+	otherDNAT := func(c *gnft.Conn) {
+		c.FlushChain(otherChain)
+		ex, err := ruleExprs(model.IPv4, rs.Rule{rs.MatchNumgen{Mod: 3}, rs.MatchL4Proto{Proto: model.TCP}, rs.DNAT{To: ep}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.AddRule(&gnft.Rule{Table: other, Chain: otherChain, Exprs: ex})
+	}
 	for _, c := range []struct {
 		name  string
 		build func(c *gnft.Conn)
@@ -84,6 +102,7 @@ func TestValidateCost(t *testing.T) {
 		{"flush + rule numgen dnat", rewrite(rs.Rule{rs.MatchNumgen{Mod: 3}, rs.MatchL4Proto{Proto: model.TCP}, rs.DNAT{To: ep}}), nil},
 		{"flush + rule numgen mark", rewrite(rs.Rule{rs.MatchNumgen{Mod: 3}, rs.SetMark{Bits: 0x4000}}), nil},
 		{"flush + rule numgen goto", rewrite(rs.Rule{rs.MatchNumgen{Mod: 3}, rs.Verdict{Kind: rs.Goto, Chain: rs.ChainReject}}), nil},
+		{"dnat rule in a second, small table", otherDNAT, nil},
 	} {
 		var ds []time.Duration
 		for i := 0; i < 7; i++ {
