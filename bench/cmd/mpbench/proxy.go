@@ -155,11 +155,21 @@ func (p *proc) metrics(ctx context.Context) (map[string]float64, error) {
 			continue
 		}
 		name := line[:i]
+		le, hasLE := "", false
 		if j := strings.IndexByte(name, '{'); j >= 0 {
+			if strings.HasSuffix(name[:j], "_bucket") {
+				le, hasLE = leLabel(name[j:])
+			}
 			name = name[:j]
 		}
 		if v, err := strconv.ParseFloat(strings.TrimSpace(line[i+1:]), 64); err == nil {
 			out[name] += v
+			// Histogram buckets are also kept per upper bound, as
+			// name{le="<bound>"} (see bucketsOf), summed over the
+			// remaining labels like the unlabelled series.
+			if hasLE {
+				out[bucketKey(name, le)] += v
+			}
 		}
 	}
 	return out, sc.Err()

@@ -73,10 +73,33 @@ var metrics = []metric{
 		}
 		return round3(r.FirstConnect.P50 - r.DirectConnect.P50), true
 	}},
+	// Churn rows stay after the ones writePlots picks by index.
+	{"churn: EndpointSlice updates achieved", "/s", churnVal(func(c *churnResult) (float64, bool) { return c.RateAchieved, c.Writes > 0 })},
+	{"churn: proxy's network_programming, p50", "ms", churnVal(func(c *churnResult) (float64, bool) { return c.ProgP50, c.ProgN > 0 && c.ProgP50 >= 0 })},
+	{"churn: proxy's network_programming, p99", "ms", churnVal(func(c *churnResult) (float64, bool) { return c.ProgP99, c.ProgN > 0 && c.ProgP99 >= 0 })},
+	{"churn: syncs during the window", "", churnVal(func(c *churnResult) (float64, bool) { return c.Syncs, c.Writes > 0 })},
+	{"churn: CPU during the window (proxy + children)", "s", churnVal(func(c *churnResult) (float64, bool) { return c.CPUS, c.Writes > 0 && c.CPUS >= 0 })},
+	{"churn: CPU per endpoint change", "ms/change", churnVal(func(c *churnResult) (float64, bool) { return c.CPUPerChange, c.Writes > 0 && c.CPUPerChange >= 0 })},
+	{"churn: RSS at the end of the window", "MB", churnVal(func(c *churnResult) (float64, bool) { return c.RSSMB, c.RSSMB > 0 })},
+}
+
+func churnVal(f func(c *churnResult) (float64, bool)) func(r *Run) (float64, bool) {
+	return func(r *Run) (float64, bool) {
+		if r.Churn == nil {
+			return 0, false
+		}
+		return f(r.Churn)
+	}
 }
 
 func fmtVal(v float64, unit string) string {
 	switch {
+	case unit == "":
+		return fmt.Sprintf("%.0f", v)
+	case unit == "/s":
+		return fmt.Sprintf("%.1f /s", v)
+	case unit == "ms/change":
+		return fmt.Sprintf("%.2f ms", v)
 	case unit == "s":
 		return fmt.Sprintf("%.2f s", v)
 	case unit == "MB":
@@ -155,6 +178,14 @@ func writeReport(dir string, res *Result, jsonPath string) error {
 				if r.Changes != nil && len(r.Changes.Errors) > 0 {
 					w("\n%s change errors: `%s`\n", r.Impl, oneLine(strings.Join(r.Changes.Errors, "; ")))
 				}
+				if c := r.Churn; c != nil {
+					w("\n%s churn: %.0f updates/s asked for over %d Services, %d writes in %.1f s (%d errors, %d ticks missed), %.0f programming observations, settled %.1f s after the last write.",
+						r.Impl, c.RateTarget, c.Services, c.Writes, c.DurationS, c.WriteErrors, c.TicksMissed, c.ProgN, c.SettleS)
+					if len(c.Errors) > 0 {
+						w(" Errors: `%s`", oneLine(strings.Join(c.Errors, "; ")))
+					}
+					w("\n")
+				}
 				w("\n%s started at load %s.", r.Impl, r.Load)
 			}
 			w("\n\n")
@@ -184,7 +215,15 @@ func writeReport(dir string, res *Result, jsonPath string) error {
 	w("  trigger-time annotation does not blur it.\n")
 	w("- *first connect*: connect() time of fresh connections from a pod to the Service created last (worst position in a\n")
 	w("  linear iptables walk), next to the same connect straight to a pod IP.\n")
-	w("- *RSS*: VmRSS of the proxy process from /proc after the first sync and after the change series.\n\n")
+	w("- *RSS*: VmRSS of the proxy process from /proc after the first sync and after the change series.\n")
+	w("- *churn*: after the one-at-a-time changes, a steady stream of EndpointSlice updates (a ticker and a few parallel\n")
+	w("  writers; `-churn-rate`, default 50/s, for `-churn-duration`, default 60 s, 20 s with -quick) spread round-robin\n")
+	w("  over the first min(1,000, N) bulk Services, each update removing or restoring one endpoint and carrying the\n")
+	w("  trigger-time annotation at nanosecond resolution. network_programming p50/p99 are interpolated linearly within\n")
+	w("  the buckets of the difference of the proxy's histogram between before the window and the moment it is idle again\n")
+	w("  (a sync ended after the last write and no new observation for 2.5 s), so their precision is the proxy's bucket\n")
+	w("  layout. Syncs are the delta of `sync_proxy_rules_duration_seconds_count`, CPU the delta of the proxy's utime+stime\n")
+	w("  (with reaped children) over the same span. Touched slices are restored to their 5 endpoints afterwards.\n\n")
 	if err := writePlots(dir, res); err != nil {
 		w("Plots failed: %v\n", err)
 	} else {
