@@ -112,12 +112,7 @@ func (l *lab) silent(t *testing.T, vip, why string) {
 // port to dst, as "orig dst -> reply src".
 func (l *lab) udpFlows(t *testing.T, dst string) []string {
 	t.Helper()
-	f, err := os.Open(l.node.Path())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	conn, err := ct.Dial(&netlink.Config{NetNS: int(f.Fd())})
+	conn, err := ct.Dial(&netlink.Config{NetNS: l.node.FD(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

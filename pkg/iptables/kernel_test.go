@@ -27,7 +27,7 @@ func newLab(t *testing.T, podIPs ...string) *lab {
 	netnstest.RequireRoot(t, "iptables-restore", "iptables-save", "sysctl")
 	n := netnstest.NewNode(t, podIPs...)
 	l := &lab{node: n.NS, pods: n.Pods, client: n.Client}
-	b, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg(), ExecRunner("ip", "netns", "exec", l.node.Name))
+	b, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg(), ExecRunner("ip", "netns", "exec", l.node.Name), WithNetNSFd(l.node.FD(t)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,5 +185,51 @@ func TestKernelChunkedFullSync(t *testing.T) {
 	l.sync(t, snap, true)
 	if got := l.counts(t, "tcp", "172.31.255.1:80", 10); got["poda"]+got["podb"] != 10 {
 		t.Fatalf("after a second full sync: %v", got)
+	}
+}
+
+// TestKernelDriftCheckGeneration: a periodic full sync after only our own
+// commits is settled by the nf_tables generation and rewrites nothing; one
+// commit by anyone else makes it rewrite everything, and repair.
+func TestKernelDriftCheckGeneration(t *testing.T) {
+	l := newLab(t, "10.180.0.5", "10.180.0.6")
+	if l.backend.generation == nil {
+		t.Skip("skipping: iptables here is not the nf_tables variant; drift checks always rewrite")
+	}
+	var restores int
+	l.backend.OnRestore = func(model.Family, string) { restores++ }
+	a := mt.SP("ns", "a", "", "172.30.0.3", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
+	l.sync(t, mt.Snap(a), true)
+	// A partial sync of our own keeps the kernel known.
+	a2 := mt.SP("ns", "a", "", "172.30.0.3", 80, mt.Ep("10.180.0.6", 8080, "node-a"))
+	l.sync(t, mt.Snap(a2), false)
+	restores = 0
+	l.sync(t, mt.Snap(a2), true)
+	if restores != 0 {
+		t.Fatalf("periodic full sync with only our own commits since: %d restores, want 0", restores)
+	}
+	if got := l.counts(t, "tcp", "172.30.0.3:80", 3); got["podb"] != 3 {
+		t.Fatalf("after the skipped full sync: %v", got)
+	}
+	// Someone else deletes our service's rule: their commit bumps the generation.
+	l.node.MustRun(t, "iptables", "-t", "nat", "-F", "KUBE-SERVICES")
+	l.node.MustRun(t, "iptables", "-t", "nat", "-N", "OTHER-AGENT")
+	if _, _, err := l.client.Ask("tcp", "172.30.0.3:80", 500*time.Millisecond); err == nil {
+		t.Fatal("VIP still answers after KUBE-SERVICES was flushed; the test proves nothing")
+	}
+	l.sync(t, mt.Snap(a2), true)
+	if restores == 0 {
+		t.Fatal("full sync after a foreign commit rewrote nothing")
+	}
+	if got := l.counts(t, "tcp", "172.30.0.3:80", 3); got["podb"] != 3 {
+		t.Fatalf("after the repairing full sync: %v", got)
+	}
+	if !strings.Contains(l.node.MustRun(t, "iptables-save", "-t", "nat"), ":OTHER-AGENT") {
+		t.Fatal("the full sync removed another agent's chain")
+	}
+	restores = 0
+	l.sync(t, mt.Snap(a2), true)
+	if restores != 0 {
+		t.Fatalf("full sync right after a repair: %d restores, want 0", restores)
 	}
 }

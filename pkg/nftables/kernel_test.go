@@ -36,12 +36,7 @@ func newNSBackend(t testing.TB, cfg proxy.Config) (*netnstest.NS, *Backend) {
 	t.Helper()
 	netnstest.RequireRoot(t, "nft")
 	ns := netnstest.New(t, "nft")
-	f, err := os.Open(ns.Path())
-	if err != nil {
-		t.Fatalf("open netns: %v", err)
-	}
-	t.Cleanup(func() { f.Close() })
-	b, err := New(cfg, WithNetNSFd(int(f.Fd())))
+	b, err := New(cfg, WithNetNSFd(ns.FD(t)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,16 +167,6 @@ func hits(t *testing.T, fd int, vip string, n int) map[string]int {
 	return out
 }
 
-func nsFd(t *testing.T, ns *netnstest.NS) int {
-	t.Helper()
-	f, err := os.Open(ns.Path())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	return int(f.Fd())
-}
-
 // trafficSnap: a 2-endpoint service, a service without endpoints, all on
 // addresses local to the namespace.
 func trafficSnap() *model.Snapshot {
@@ -200,7 +185,7 @@ func setupTraffic(t *testing.T) (*netnstest.NS, *Backend, int) {
 	}
 	// A route so connections to VIPs leave through the output path.
 	ns.MustRun(t, "ip", "route", "add", "172.30.0.0/16", "dev", "lo")
-	fd := nsFd(t, ns)
+	fd := ns.FD(t)
 	serve(t, fd, "10.180.0.1:8080", "10.180.0.2:8080", "10.180.0.3:8080", "10.180.0.4:8080")
 	return ns, b, fd
 }

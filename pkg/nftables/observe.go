@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/nfgen"
 	rs "github.com/miniproxy/miniproxy/pkg/nftables/ruleset"
 )
 
@@ -477,39 +478,5 @@ func addrFrom(b []byte) netip.Addr {
 	return a
 }
 
-// genID returns the nf_tables ruleset generation of the namespace: it
-// increases with every commit by anyone, so an unchanged generation since our
-// own commit proves that nobody touched any table since.
-func (b *Backend) genID() (uint32, error) {
-	nl, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
-	if err != nil {
-		return 0, fmt.Errorf("dialing netlink: %w", err)
-	}
-	defer nl.Close()
-	msgs, err := nl.Execute(netlink.Message{
-		Header: netlink.Header{
-			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETGEN),
-			Flags: netlink.Request,
-		},
-		Data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0},
-	})
-	if err != nil {
-		return 0, fmt.Errorf("reading ruleset generation: %w", err)
-	}
-	for _, m := range msgs {
-		if len(m.Data) < 4 {
-			continue
-		}
-		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
-		if err != nil {
-			return 0, fmt.Errorf("decoding ruleset generation: %w", err)
-		}
-		ad.ByteOrder = binary.BigEndian
-		for ad.Next() {
-			if ad.Type() == unix.NFTA_GEN_ID {
-				return ad.Uint32(), nil
-			}
-		}
-	}
-	return 0, errors.New("no generation id in reply")
-}
+// genID returns the nf_tables ruleset generation of the backend's namespace.
+func (b *Backend) genID() (uint32, error) { return nfgen.Read(b.netns) }

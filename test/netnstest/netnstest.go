@@ -55,6 +55,18 @@ func New(t testing.TB, prefix string) *NS {
 // Path is the namespace's bind-mount path, for setns.
 func (n *NS) Path() string { return "/run/netns/" + n.Name }
 
+// FD opens the namespace for netlink sockets that must act inside it
+// (netlink.Config.NetNS, the backends' WithNetNSFd) and closes it at test cleanup.
+func (n *NS) FD(t testing.TB) int {
+	t.Helper()
+	f, err := os.Open(n.Path())
+	if err != nil {
+		t.Fatalf("open netns %s: %v", n.Name, err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return int(f.Fd())
+}
+
 // Run runs a command inside the namespace and returns its combined output.
 func (n *NS) Run(ctx context.Context, stdin string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
