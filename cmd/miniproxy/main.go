@@ -80,7 +80,7 @@ func newBackend(log *slog.Logger, o *Options) (proxy.Backend, error) {
 	case "iptables":
 		return iptables.New(log.With("backend", "iptables"), o.proxyConfig, nil)
 	case "nftables":
-		return nftables.New(o.proxyConfig)
+		return nftables.New(o.proxyConfig, nftables.WithShards(o.NFTablesShards))
 	case "ipvs":
 		return ipvs.New(o.proxyConfig, ipvs.Options{Scheduler: o.IPVSScheduler, StrictARP: o.IPVSStrictARP})
 	}

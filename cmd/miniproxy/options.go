@@ -14,6 +14,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/nftables"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 )
 
@@ -38,6 +39,7 @@ type Options struct {
 	LocalhostNodePorts bool
 	IPVSScheduler      string
 	IPVSStrictARP      bool
+	NFTablesShards     int
 	ConntrackCleanup   bool
 	Profiling          bool
 
@@ -78,6 +80,7 @@ func parseOptions(args []string) (*Options, error) {
 	fs.Int32Var(&o.MasqueradeBit, "iptables-masquerade-bit", 14, "the fwmark bit (0-31) marking packets to SNAT")
 	fs.BoolVar(&o.LocalhostNodePorts, "iptables-localhost-nodeports", true, "accept NodePort connections on 127.0.0.1 (iptables mode, IPv4)")
 	fs.StringVar(&o.IPVSScheduler, "ipvs-scheduler", "rr", "IPVS scheduler: rr, wrr, lc, sh or mh")
+	fs.IntVar(&o.NFTablesShards, "nftables-shards", 16, "spread Services over this many nftables tables (1-64) so one change is validated against a shard, not every Service (nftables mode)")
 	fs.BoolVar(&o.IPVSStrictARP, "ipvs-strict-arp", false, "set arp_ignore/arp_announce so the node does not answer ARP for service IPs (ipvs mode)")
 	fs.BoolVar(&o.Profiling, "profiling", false, "serve /debug/pprof on the metrics address")
 	fs.BoolVar(&o.ConntrackCleanup, "conntrack-cleanup", true, "delete UDP conntrack entries of removed endpoints and services after each sync")
@@ -188,6 +191,9 @@ func (o *Options) validate() error {
 	}
 	if o.MinSyncPeriod < 0 || o.SyncPeriod <= 0 {
 		errs = append(errs, fmt.Errorf("--sync-period must be > 0 and --min-sync-period >= 0 (got %v, %v)", o.SyncPeriod, o.MinSyncPeriod))
+	}
+	if o.NFTablesShards < 1 || o.NFTablesShards > nftables.MaxShards {
+		errs = append(errs, fmt.Errorf("--nftables-shards %d: want 1 to %d", o.NFTablesShards, nftables.MaxShards))
 	}
 	if o.MinSyncPeriod > o.SyncPeriod {
 		errs = append(errs, fmt.Errorf("--min-sync-period %v is longer than --sync-period %v", o.MinSyncPeriod, o.SyncPeriod))

@@ -26,6 +26,8 @@ func TestParseOptionsErrors(t *testing.T) {
 		{[]string{"--detect-local-mode", "Magic", "--cluster-cidr", "10.0.0.0/8"}, "detect-local-mode"},
 		{[]string{"--iptables-masquerade-bit", "40"}, "masquerade bit"},
 		{[]string{"--healthz-bind-address", "10256"}, "--healthz-bind-address"},
+		{[]string{"--nftables-shards", "0"}, "--nftables-shards"},
+		{[]string{"--nftables-shards", "65"}, "--nftables-shards"},
 		{[]string{"stray"}, "unexpected arguments"},
 	}
 	for _, tc := range cases {
@@ -43,6 +45,9 @@ func TestParseOptionsDefaultsAndAliases(t *testing.T) {
 	}
 	if o.Mode != "iptables" || o.MinSyncPeriod != time.Second || o.SyncPeriod != 45*time.Second {
 		t.Errorf("got mode %s min %v sync %v", o.Mode, o.MinSyncPeriod, o.SyncPeriod)
+	}
+	if o.NFTablesShards != 16 {
+		t.Errorf("nftables shards %d, want the default 16", o.NFTablesShards)
 	}
 	if o.HealthzBindAddress != "0.0.0.0:10256" || o.MetricsBindAddress != "127.0.0.1:10249" {
 		t.Errorf("bind addresses %s %s", o.HealthzBindAddress, o.MetricsBindAddress)

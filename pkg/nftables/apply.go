@@ -51,7 +51,7 @@ func (p *plan) size() (msgs, bytes int) {
 	if p.replace {
 		msgs += 3
 	}
-	msgs += len(p.addSets) + len(p.addChains) + len(p.flushChains) + 2*len(p.delChains) + len(p.delSets)
+	msgs += len(p.dropTables) + len(p.addSets) + len(p.addChains) + len(p.flushChains) + 2*len(p.delChains) + len(p.delSets)
 	bytes += 300 * msgs
 	for _, c := range p.writeChains {
 		msgs += len(c.Rules)
@@ -88,6 +88,7 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 	}
 	type job struct {
 		family model.Family
+		table  string
 		chain  *rs.Chain
 	}
 	var jobs []job
@@ -99,7 +100,7 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 			return 0, fmt.Errorf("building %s batch: %w", famName(p.family), err)
 		}
 		for _, c := range p.writeChains {
-			jobs = append(jobs, job{p.family, c})
+			jobs = append(jobs, job{p.family, p.tableName, c})
 		}
 	}
 	workers := min(runtime.GOMAXPROCS(0), max(1, len(jobs)/2000))
@@ -110,13 +111,17 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			encs := map[model.Family]*ruleEncoder{}
+			type encKey struct {
+				f     model.Family
+				table string
+			}
+			encs := map[encKey]*ruleEncoder{}
 			for i := w; i < len(jobs); i += workers {
 				j := jobs[i]
-				enc := encs[j.family]
+				enc := encs[encKey{j.family, j.table}]
 				if enc == nil {
-					enc = newRuleEncoder(j.family)
-					encs[j.family] = enc
+					enc = newRuleEncoder(j.family, j.table)
+					encs[encKey{j.family, j.table}] = enc
 				}
 				for _, r := range j.chain.Rules {
 					m, err := enc.rule(j.chain.Name, r)
@@ -196,6 +201,9 @@ func chainSpec(t *gnft.Table, c *rs.Chain) *gnft.Chain {
 // be rewritten: everything rules may refer to.
 func (p *plan) emitHead(c *gnft.Conn) error {
 	t := p.table()
+	for _, x := range p.dropTables {
+		c.DelTable(x)
+	}
 	if p.replace {
 		// add+delete+add: atomically replaces a leftover table (e.g.
 		// from a previous run) and works when there is none.
@@ -218,7 +226,7 @@ func (p *plan) emitHead(c *gnft.Conn) error {
 }
 
 func (p *plan) table() *gnft.Table {
-	return &gnft.Table{Name: rs.TableName, Family: tableFamily(p.family)}
+	return &gnft.Table{Name: p.tableName, Family: tableFamily(p.family)}
 }
 
 // emitTail queues element changes, then deletions of stale chains and sets,

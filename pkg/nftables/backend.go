@@ -25,6 +25,9 @@ import (
 type Backend struct {
 	cfg   proxy.Config
 	netns int // fd of the target network namespace; 0 = the caller's
+	// shards is how many tables the Services are spread over (1: all in
+	// the main table); see ruleset.RenderSharded.
+	shards int
 
 	mu sync.Mutex
 	// committed is what the last successful batch made the kernel hold.
@@ -39,8 +42,8 @@ type Backend struct {
 	// grows faster than linearly).
 	clean bool
 	gen   uint32
-	// rotor is where the next full sync's window of rule checks starts.
-	rotor map[model.Family]int
+	// rotor is where the next full sync's window of rule checks starts, per table.
+	rotor map[string]int
 }
 
 var _ proxy.Backend = (*Backend)(nil)
@@ -52,21 +55,33 @@ type Option func(*Backend)
 // referred to by fd (e.g. an open /run/netns/NAME). The caller keeps fd open.
 func WithNetNSFd(fd int) Option { return func(b *Backend) { b.netns = fd } }
 
+// WithShards spreads the Services over n shard tables per family (n <= 1:
+// one table). A commit that adds a Service or changes its endpoints then
+// makes the kernel validate one shard instead of every Service.
+func WithShards(n int) Option { return func(b *Backend) { b.shards = max(n, 1) } }
+
+// MaxShards bounds --nftables-shards: every shard adds two nat base chains
+// that the first packet of every new connection passes.
+const MaxShards = 64
+
 // New returns an nftables backend for cfg.
 func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("nftables backend: %w", err)
 	}
-	b := &Backend{cfg: cfg, fps: fpCache{}, rotor: map[model.Family]int{}}
+	b := &Backend{cfg: cfg, fps: fpCache{}, rotor: map[string]int{}, shards: 1}
 	for _, o := range opts {
 		o(b)
+	}
+	if b.shards > MaxShards {
+		return nil, fmt.Errorf("nftables backend: %d shards, at most %d", b.shards, MaxShards)
 	}
 	return b, nil
 }
 
 // Render returns the ruleset this backend would program for snap (pure).
 func (b *Backend) Render(snap *model.Snapshot) *rs.Ruleset {
-	return rs.Render(snap, &b.cfg, nil)
+	return rs.RenderSharded(snap, &b.cfg, nil, b.shards)
 }
 
 // Sync implements proxy.Backend.
@@ -76,7 +91,7 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	if err := ctx.Err(); err != nil {
 		return proxy.Result{}, fmt.Errorf("nftables sync: %w", err)
 	}
-	desired := rs.Render(snap, &b.cfg, b.committed)
+	desired := rs.RenderSharded(snap, &b.cfg, b.committed, b.shards)
 	g0, gerr := b.genID()
 	// Full syncs need a look at the kernel unless nothing was committed
 	// by anyone since our last commit.
@@ -86,25 +101,44 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	var plans []*plan
 	changed := 0
 	replaced := b.committed == nil
+	var stale []*gnft.Table
+	if replaced {
+		// Tables of ours that this configuration does not render (say, a
+		// previous run's shards) go in the same batch.
+		var err error
+		if stale, err = b.staleTables(desired); err != nil {
+			return proxy.Result{Full: true}, fmt.Errorf("nftables sync: %w", err)
+		}
+	}
+	perFamily := map[model.Family]int{}
 	for _, t := range desired.Tables {
 		var p *plan
+		var prev *rs.Table
+		if b.committed != nil {
+			prev = b.committed.Lookup(t.Family, t.Name)
+		}
 		switch {
-		case b.committed == nil || b.committed.Table(t.Family) == nil:
+		case prev == nil:
 			p = replacePlan(t)
-			changed = len(t.Services)
 		case full && !skipObserve:
 			obs, err := b.observe(t.Family, t)
 			if err != nil {
-				return proxy.Result{Full: full}, fmt.Errorf("nftables full sync: reading %s table: %w", famName(t.Family), err)
+				return proxy.Result{Full: full}, fmt.Errorf("nftables full sync: reading %s table %s: %w", famName(t.Family), t.Name, err)
 			}
-			p = reconcilePlan(b.committed.Table(t.Family), t, obs, b.fps)
+			p = reconcilePlan(prev, t, obs, b.fps)
 		default:
-			p = incrementalPlan(b.committed.Table(t.Family), t)
+			p = incrementalPlan(prev, t)
 		}
-		if p.services > changed {
-			changed = p.services
-		}
+		// Summed over a family's tables: a Service with objects in both
+		// the main table and its shard counts twice.
+		perFamily[t.Family] += p.services
 		plans = append(plans, p)
+	}
+	for _, n := range perFamily {
+		changed = max(changed, n)
+	}
+	if len(stale) > 0 {
+		plans[0].dropTables = stale
 	}
 	msgs, err := b.apply(ctx, plans)
 	res := proxy.Result{Full: full || b.committed == nil, Changed: changed, Rules: msgs}
@@ -146,12 +180,48 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		// table exists, in the same atomic batch.
 		c.AddTable(t)
 		c.DelTable(t)
+		tables, err := c.ListTablesOfFamily(tableFamily(f))
+		if err != nil {
+			return fmt.Errorf("nftables cleanup: listing %s tables: %w", famName(f), err)
+		}
+		for _, x := range tables {
+			if x.Name != rs.TableName && rs.IsOurTable(x.Name) {
+				c.DelTable(x)
+			}
+		}
 	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("nftables cleanup: deleting tables: %w", err)
 	}
 	b.committed, b.clean = nil, false
 	return nil
+}
+
+// staleTables lists tables of ours, in the families desired covers, that
+// desired does not contain.
+func (b *Backend) staleTables(desired *rs.Ruleset) ([]*gnft.Table, error) {
+	c, err := b.conn()
+	if err != nil {
+		return nil, err
+	}
+	var out []*gnft.Table
+	seen := map[model.Family]bool{}
+	for _, t := range desired.Tables {
+		if seen[t.Family] {
+			continue
+		}
+		seen[t.Family] = true
+		tables, err := c.ListTablesOfFamily(tableFamily(t.Family))
+		if err != nil {
+			return nil, fmt.Errorf("listing %s tables: %w", famName(t.Family), err)
+		}
+		for _, x := range tables {
+			if rs.IsOurTable(x.Name) && desired.Lookup(t.Family, x.Name) == nil {
+				out = append(out, x)
+			}
+		}
+	}
+	return out, nil
 }
 
 func famName(f model.Family) string {

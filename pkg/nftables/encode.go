@@ -26,12 +26,13 @@ const newRuleType = netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_M
 
 type ruleEncoder struct {
 	f     model.Family
+	table string
 	cache map[rs.Expr][]byte // list elements of one typed expression
 	elems []byte             // scratch: the list elements of one rule
 }
 
-func newRuleEncoder(f model.Family) *ruleEncoder {
-	return &ruleEncoder{f: f, cache: map[rs.Expr][]byte{}}
+func newRuleEncoder(f model.Family, table string) *ruleEncoder {
+	return &ruleEncoder{f: f, table: table, cache: map[rs.Expr][]byte{}}
 }
 
 // reusable reports whether the encoding of e is likely shared by many
@@ -96,13 +97,13 @@ func (e *ruleEncoder) rule(chain string, r rs.Rule) (netlink.Message, error) {
 		}
 	}
 	strAttr := func(s string) int { return (unix.NLA_HDRLEN + len(s) + 1 + 3) &^ 3 }
-	size := 4 + strAttr(rs.TableName) + strAttr(chain) + unix.NLA_HDRLEN + len(e.elems)
+	size := 4 + strAttr(e.table) + strAttr(chain) + unix.NLA_HDRLEN + len(e.elems)
 	b := make([]byte, 0, size)
 	b = append(b, byte(tableFamily(e.f)), unix.NFNETLINK_V0, 0, 0)
 	for _, a := range []struct {
 		typ uint16
 		s   string
-	}{{unix.NFTA_RULE_TABLE, rs.TableName}, {unix.NFTA_RULE_CHAIN, chain}} {
+	}{{unix.NFTA_RULE_TABLE, e.table}, {unix.NFTA_RULE_CHAIN, chain}} {
 		b = putAttrHeader(b, unix.NLA_HDRLEN+len(a.s)+1, a.typ)
 		b = pad(append(append(b, a.s...), 0))
 	}

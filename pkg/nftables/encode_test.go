@@ -16,10 +16,11 @@ import (
 // expressions come from the encoder's cache.
 func TestRuleEncoderMatchesLibrary(t *testing.T) {
 	cfg := richConfig()
-	rs := ruleset.Render(fixture.Rich(), &cfg, nil)
+	// Sharded, so the table name in the message varies too.
+	rs := ruleset.RenderSharded(fixture.Rich(), &cfg, nil, 2)
 	n := 0
 	for _, tb := range rs.Tables {
-		enc := newRuleEncoder(tb.Family)
+		enc := newRuleEncoder(tb.Family, tb.Name)
 		for pass := 0; pass < 2; pass++ { // the second pass hits the cache
 			for _, ch := range tb.AllChains() {
 				for _, r := range ch.Rules {
@@ -35,7 +36,7 @@ func TestRuleEncoderMatchesLibrary(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					gt := &gnft.Table{Name: ruleset.TableName, Family: tableFamily(tb.Family)}
+					gt := &gnft.Table{Name: tb.Name, Family: tableFamily(tb.Family)}
 					c.conn.AddRule(&gnft.Rule{Table: gt, Chain: &gnft.Chain{Name: ch.Name, Table: gt}, Exprs: ex})
 					want, err := c.messages()
 					if err != nil {

@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
+	"sort"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/nftables/internal/fixture"
+	"github.com/miniproxy/miniproxy/pkg/nftables/ruleset"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/test/netnstest"
 )
@@ -32,11 +35,11 @@ func richConfig() proxy.Config {
 }
 
 // newNSBackend creates a namespace and a backend bound to it.
-func newNSBackend(t testing.TB, cfg proxy.Config) (*netnstest.NS, *Backend) {
+func newNSBackend(t testing.TB, cfg proxy.Config, opts ...Option) (*netnstest.NS, *Backend) {
 	t.Helper()
 	netnstest.RequireRoot(t, "nft")
 	ns := netnstest.New(t, "nft")
-	b, err := New(cfg, WithNetNSFd(ns.FD(t)))
+	b, err := New(cfg, append([]Option{WithNetNSFd(ns.FD(t))}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,8 +181,8 @@ func trafficSnap() *model.Snapshot {
 	return fixture.Snap(two, none, other)
 }
 
-func setupTraffic(t *testing.T) (*netnstest.NS, *Backend, int) {
-	ns, b := newNSBackend(t, proxy.Config{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.180.0.0/16")}})
+func setupTraffic(t *testing.T, opts ...Option) (*netnstest.NS, *Backend, int) {
+	ns, b := newNSBackend(t, trafficConfig(), opts...)
 	for _, a := range []string{"10.180.0.1", "10.180.0.2", "10.180.0.3", "10.180.0.4"} {
 		ns.MustRun(t, "ip", "addr", "add", a+"/32", "dev", "lo")
 	}
@@ -188,6 +191,98 @@ func setupTraffic(t *testing.T) (*netnstest.NS, *Backend, int) {
 	fd := ns.FD(t)
 	serve(t, fd, "10.180.0.1:8080", "10.180.0.2:8080", "10.180.0.3:8080", "10.180.0.4:8080")
 	return ns, b, fd
+}
+
+func trafficConfig() proxy.Config {
+	return proxy.Config{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.180.0.0/16")}}
+}
+
+// ourTables lists the nft tables of family ip whose names are miniproxy's.
+func ourTables(t *testing.T, ns *netnstest.NS) []string {
+	t.Helper()
+	var out []string
+	for _, l := range strings.Split(ns.MustRun(t, "nft", "list", "tables", "ip"), "\n") {
+		if f := strings.Fields(l); len(f) == 3 && ruleset.IsOurTable(f[2]) {
+			out = append(out, f[2])
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// TestKernelSharded: with the Services spread over shard tables, real
+// connections reach every endpoint and a Service without endpoints refuses
+// (its reject lives in the main table, its dispatch nowhere); a later run
+// with fewer shards removes the extra tables in its first batch; a deleted
+// shard comes back on the next full sync; cleanup removes every table.
+func TestKernelSharded(t *testing.T) {
+	ns, b, fd := setupTraffic(t, WithShards(4))
+	mustSync(t, b, trafficSnap(), false)
+	if got, want := ourTables(t, ns), []string{"miniproxy", "miniproxy-shard-00", "miniproxy-shard-01", "miniproxy-shard-02", "miniproxy-shard-03"}; !slices.Equal(got, want) {
+		t.Fatalf("tables %v, want %v", got, want)
+	}
+	check := func(when string) {
+		t.Helper()
+		got := hits(t, fd, "172.30.0.12:80", 40)
+		if got["10.180.0.1:8080"] == 0 || got["10.180.0.2:8080"] == 0 || len(got) != 2 {
+			t.Errorf("%s: 172.30.0.12:80 answered by %v, want both endpoints only", when, got)
+		}
+		if got := hits(t, fd, "172.30.0.13:80", 5); got["10.180.0.3:8080"] != 5 {
+			t.Errorf("%s: 172.30.0.13:80 answered by %v", when, got)
+		}
+		var err error
+		inNS(t, fd, func() { _, err = net.DialTimeout("tcp", "172.30.0.10:80", 5*time.Second) })
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("%s: dial service without endpoints: %v, want connection refused", when, err)
+		}
+	}
+	check("4 shards")
+
+	// Drift: someone deletes the shard that holds ns1/two.
+	var victim string
+	for _, tb := range b.committed.Tables[1:] {
+		if tb.Services[model.ServicePortName{Namespace: "ns1", Name: "two", Protocol: model.TCP}] != nil {
+			victim = tb.Name
+		}
+	}
+	if victim == "" {
+		t.Fatal("ns1/two is in no shard")
+	}
+	ns.MustRun(t, "nft", "delete", "table", "ip", victim)
+	var derr error
+	inNS(t, fd, func() {
+		var c net.Conn
+		if c, derr = net.DialTimeout("tcp", "172.30.0.12:80", 500*time.Millisecond); derr == nil {
+			c.Close()
+		}
+	})
+	if derr == nil {
+		t.Fatalf("172.30.0.12:80 still answers with its shard %s deleted; the test proves nothing", victim)
+	}
+	mustSync(t, b, trafficSnap(), true)
+	check("after repairing " + victim)
+
+	// The next run has 2 shards.
+	b2, err := New(trafficConfig(), WithNetNSFd(fd), WithShards(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSync(t, b2, trafficSnap(), false)
+	if got, want := ourTables(t, ns), []string{"miniproxy", "miniproxy-shard-00", "miniproxy-shard-01"}; !slices.Equal(got, want) {
+		t.Fatalf("after a 2-shard run: tables %v, want %v", got, want)
+	}
+	check("2 shards")
+
+	ns.MustRun(t, "nft", "add", "table", "ip", "someone-else")
+	if err := b2.Cleanup(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := ourTables(t, ns); len(got) != 0 {
+		t.Fatalf("cleanup left %v", got)
+	}
+	if !strings.Contains(ns.MustRun(t, "nft", "list", "tables"), "someone-else") {
+		t.Fatal("cleanup removed another component's table")
+	}
 }
 
 // TestKernelTraffic makes real connections to a VIP and checks both

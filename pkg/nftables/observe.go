@@ -47,7 +47,7 @@ func (b *Backend) observe(f model.Family, desired *rs.Table) (*observed, error) 
 	}
 	var t *gnft.Table
 	for _, x := range tables {
-		if x.Name == rs.TableName {
+		if x.Name == desired.Name {
 			t = x
 		}
 	}
@@ -60,11 +60,11 @@ func (b *Backend) observe(f model.Family, desired *rs.Table) (*observed, error) 
 		return nil, fmt.Errorf("listing chains: %w", err)
 	}
 	for _, ch := range chains {
-		if ch.Table.Name == rs.TableName {
+		if ch.Table.Name == desired.Name {
 			obs.chains[ch.Name] = nil
 		}
 	}
-	rules, err := b.dumpRules(f, b.chainsToCheck(desired, obs.chains))
+	rules, err := b.dumpRules(f, desired.Name, b.chainsToCheck(desired, obs.chains))
 	if err != nil {
 		return nil, err
 	}
@@ -155,18 +155,18 @@ func (b *Backend) chainsToCheck(desired *rs.Table, present map[string][]string) 
 		return append(out, rest...)
 	}
 	sort.Strings(rest)
-	start := b.rotor[desired.Family] % len(rest)
+	start := b.rotor[desired.Name] % len(rest)
 	for i := 0; i < ruleCheckBudget; i++ {
 		out = append(out, rest[(start+i)%len(rest)])
 	}
-	b.rotor[desired.Family] = (start + ruleCheckBudget) % len(rest)
+	b.rotor[desired.Name] = (start + ruleCheckBudget) % len(rest)
 	return out
 }
 
 // dumpRules reads the rules of the given chains of our table and returns
 // their fingerprints per chain. google/nftables' GetRules decodes every
 // expression; only names and jump targets are needed here.
-func (b *Backend) dumpRules(f model.Family, chains []string) (map[string][]string, error) {
+func (b *Backend) dumpRules(f model.Family, table string, chains []string) (map[string][]string, error) {
 	nl, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
 	if err != nil {
 		return nil, fmt.Errorf("dialing netlink: %w", err)
@@ -175,7 +175,7 @@ func (b *Backend) dumpRules(f model.Family, chains []string) (map[string][]strin
 	out := make(map[string][]string, len(chains))
 	for _, ch := range chains {
 		attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
-			{Type: unix.NFTA_RULE_TABLE, Data: []byte(rs.TableName + "\x00")},
+			{Type: unix.NFTA_RULE_TABLE, Data: []byte(table + "\x00")},
 			{Type: unix.NFTA_RULE_CHAIN, Data: []byte(ch + "\x00")},
 		})
 		if err != nil {
@@ -304,7 +304,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed, fps fpCache) *pl
 	if !obs.exists {
 		return replacePlan(desired)
 	}
-	p := newPlan(desired.Family, desired.Sets)
+	p := newPlan(desired.Family, desired.Name, desired.Sets)
 	for name, so := range desired.Services {
 		if po := committed.Services[name]; po != so {
 			p.services++

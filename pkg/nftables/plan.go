@@ -2,6 +2,8 @@ package nftables
 
 import (
 	"reflect"
+
+	gnft "github.com/google/nftables"
 	"sort"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
@@ -12,10 +14,13 @@ import (
 // one batch so every reference exists when it is created and is gone before
 // its target is deleted.
 type plan struct {
-	family model.Family
+	family    model.Family
+	tableName string
 	// replace creates the table from scratch (deleting any leftover one in
 	// the same batch).
 	replace bool
+	// dropTables are other tables of ours to delete first (leftovers).
+	dropTables []*gnft.Table
 
 	addSets     []*rs.Set
 	addChains   []*rs.Chain
@@ -30,8 +35,8 @@ type plan struct {
 	services int // service ports touched
 }
 
-func newPlan(f model.Family, sets []*rs.Set) *plan {
-	p := &plan{family: f, sets: map[string]*rs.Set{},
+func newPlan(f model.Family, table string, sets []*rs.Set) *plan {
+	p := &plan{family: f, tableName: table, sets: map[string]*rs.Set{},
 		delElems: map[string][]rs.Element{}, addElems: map[string][]rs.Element{}}
 	for _, s := range sets {
 		p.sets[s.Name] = s
@@ -41,7 +46,7 @@ func newPlan(f model.Family, sets []*rs.Set) *plan {
 
 // replacePlan writes the whole table t.
 func replacePlan(t *rs.Table) *plan {
-	p := newPlan(t.Family, t.Sets)
+	p := newPlan(t.Family, t.Name, t.Sets)
 	p.replace = true
 	p.addSets = t.AllSets()
 	p.addChains = t.AllChains()
@@ -124,7 +129,7 @@ func (p *plan) diffObjects(oldChains, newChains []*rs.Chain, oldSets, newSets []
 // incrementalPlan turns prev (what is committed) into next, looking only at
 // static objects and the service ports whose objects are not shared.
 func incrementalPlan(prev, next *rs.Table) *plan {
-	p := newPlan(next.Family, next.Sets)
+	p := newPlan(next.Family, next.Name, next.Sets)
 	p.diffObjects(prev.Chains, next.Chains, prev.Sets, next.Sets, nil, nil)
 	for name, so := range next.Services {
 		if po := prev.Services[name]; po != so {

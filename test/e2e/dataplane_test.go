@@ -336,8 +336,26 @@ func deleteOwnRules(ctx context.Context, mode string, n *framework.Node, vip str
 		)
 		return "flushed KUBE-SERVICES, deleted " + chain, err
 	case "nftables":
-		_, err := n.NS.Run(ctx, "nft", "delete", "table", "ip", "miniproxy")
-		return "deleted table ip miniproxy", err
+		// The main table and every shard table (--nftables-shards).
+		out, err := n.NS.Run(ctx, "nft", "list", "tables", "ip")
+		if err != nil {
+			return "", err
+		}
+		var deleted []string
+		for _, l := range strings.Split(out, "\n") {
+			f := strings.Fields(l)
+			if len(f) != 3 || (f[2] != "miniproxy" && !strings.HasPrefix(f[2], "miniproxy-shard-")) {
+				continue
+			}
+			if _, err := n.NS.Run(ctx, "nft", "delete", "table", "ip", f[2]); err != nil {
+				return "", err
+			}
+			deleted = append(deleted, f[2])
+		}
+		if len(deleted) == 0 {
+			return "", fmt.Errorf("no miniproxy table in:\n%s", out)
+		}
+		return "deleted tables ip " + strings.Join(deleted, ", "), nil
 	}
 	return "", fmt.Errorf("no drift recipe for mode %s", mode)
 }

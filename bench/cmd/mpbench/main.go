@@ -54,6 +54,7 @@ type options struct {
 	skipReason string
 	churnRate  float64
 	churnDur   time.Duration
+	keep       bool
 }
 
 // Run is one proxy in one mode at one N.
@@ -126,6 +127,7 @@ func main() {
 		churnDefault = d
 	}
 	flag.DurationVar(&o.churnDur, "churn-duration", churnDefault, "length of the churn phase, 0 disables it (env BENCH_CHURN_DURATION; 20s with -quick unless set)")
+	flag.BoolVar(&o.keep, "keep", os.Getenv("BENCH_KEEP") == "1", "keep the work dir (proxy logs, apiserver data) and print its path (env BENCH_KEEP=1)")
 	merge := flag.String("report-from", "", "comma-separated result JSON files: merge their runs and only write the report")
 	flag.Parse()
 	if *merge != "" {
@@ -192,7 +194,7 @@ func run(o options) error {
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return fmt.Errorf("results dir: %w", err)
 	}
-	env, err := framework.NewEnv(framework.Options{Log: logf})
+	env, err := framework.NewEnv(framework.Options{Log: logf, KeepWorkDir: o.keep})
 	if err != nil {
 		return err
 	}
@@ -259,6 +261,9 @@ func run(o options) error {
 		return err
 	}
 	logDir := filepath.Join(env.WorkDir, "proxy-logs")
+	if o.keep {
+		logf("keeping the work dir: proxy logs in %s", logDir)
+	}
 	if err := os.MkdirAll(logDir, 0o755); err != nil {
 		return fmt.Errorf("log dir: %w", err)
 	}

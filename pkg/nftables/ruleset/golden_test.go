@@ -32,7 +32,17 @@ func TestGolden(t *testing.T) {
 		sps  func() []*model.ServicePort
 		// static includes the static chains and maps in the golden.
 		static bool
+		// shards > 1 renders the sharded layout.
+		shards int
 	}{
+		{name: "sharded-2-rich", cfg: detector(), static: true, shards: 2,
+			sps: func() []*model.ServicePort {
+				var out []*model.ServicePort
+				for _, sp := range fixture.Rich().Services {
+					out = append(out, sp)
+				}
+				return out
+			}},
 		{name: "static-default", cfg: proxy.Config{}, static: true,
 			sps: func() []*model.ServicePort { return nil }},
 		{name: "static-nodeport-cidrs-masqall", static: true,
@@ -146,7 +156,7 @@ func TestGolden(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			rs := ruleset.Render(fixture.Snap(tc.sps()...), &tc.cfg, nil)
+			rs := ruleset.RenderSharded(fixture.Snap(tc.sps()...), &tc.cfg, nil, max(tc.shards, 1))
 			got := rs.DumpServices()
 			if tc.static {
 				got = rs.Dump()
@@ -197,5 +207,64 @@ func TestIncrementalRenderReuses(t *testing.T) {
 	}
 	if strings.Contains(cur.Dump(), "10.180.2.1") {
 		t.Errorf("removed endpoint still rendered")
+	}
+}
+
+// TestShardedRenderSplitsAndReuses: every service port's dispatch lives in
+// exactly one shard table, its main-table share (no-endpoint, firewall) in
+// the main one; an unchanged port keeps both shares' pointers.
+func TestShardedRenderSplitsAndReuses(t *testing.T) {
+	cfg := detector()
+	snap := fixture.Rich()
+	prev := ruleset.RenderSharded(snap, &cfg, nil, 4)
+	if got := len(prev.Tables); got != 5 {
+		t.Fatalf("4 shards: %d tables, want main + 4", got)
+	}
+	main := prev.Tables[0]
+	if main.Name != ruleset.TableName {
+		t.Fatalf("first table %q, want the main one", main.Name)
+	}
+	used := map[string]bool{}
+	for n := range snap.Services {
+		in := 0
+		for _, tb := range prev.Tables[1:] {
+			so := tb.Services[n]
+			if so == nil {
+				continue
+			}
+			in++
+			used[tb.Name] = true
+			for _, e := range so.Elements {
+				if e.Map == ruleset.MapNoEndpointIPs || e.Map == ruleset.MapFirewallIPs {
+					t.Errorf("%v: element of main-only map %s in shard %s", n, e.Map, tb.Name)
+				}
+			}
+		}
+		if in > 1 {
+			t.Errorf("%v is in %d shards", n, in)
+		}
+	}
+	if len(used) < 2 {
+		t.Errorf("the fixture's Services all landed in one shard (%v); the split is untested", used)
+	}
+	for _, tb := range prev.Tables[1:] {
+		for _, c := range tb.Chains {
+			if c.Name == ruleset.ChainNatPostrouting || c.Name == ruleset.ChainFilterInput {
+				t.Errorf("shard %s carries main-table chain %s", tb.Name, c.Name)
+			}
+		}
+	}
+	for _, c := range main.Chains {
+		if c.Name == ruleset.ChainNatPrerouting || c.Name == ruleset.ChainServices {
+			t.Errorf("sharded main table still dispatches Services (%s)", c.Name)
+		}
+	}
+	cur := ruleset.RenderSharded(snap, &cfg, prev, 4)
+	for i, tb := range cur.Tables {
+		for n, so := range tb.Services {
+			if prev.Tables[i].Services[n] != so {
+				t.Errorf("%s %v: unchanged Service re-rendered", tb.Name, n)
+			}
+		}
 	}
 }

@@ -2,6 +2,7 @@ package ruleset
 
 import (
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"strings"
 	"time"
@@ -51,54 +52,179 @@ const (
 	prioBeforeDstNAT = -110 // filter chains that must see the original VIP
 )
 
-// Render computes the full ruleset for snap under cfg. When prev is non-nil,
-// the objects of service ports whose *model.ServicePort pointer is unchanged
-// are reused from prev, so an incremental render costs O(changed).
+// Render computes the full ruleset for snap under cfg in one table per
+// family (no shards). See RenderSharded.
 func Render(snap *model.Snapshot, cfg *proxy.Config, prev *Ruleset) *Ruleset {
+	return RenderSharded(snap, cfg, prev, 1)
+}
+
+// RenderSharded computes the full ruleset for snap under cfg. When prev is
+// non-nil, the objects of service ports whose *model.ServicePort pointer is
+// unchanged are reused from prev, so an incremental render costs O(changed).
+//
+// With shards > 1 the Services' dispatch maps and chains are spread over
+// that many shard tables per family, each with its own nat prerouting and
+// output base chains, and the main table keeps everything else (filter
+// checks, no-endpoint and firewall maps, masquerading). The kernel validates
+// the whole table a commit touches whenever the batch adds a jump, a DNAT or
+// a mark (README, "Known limits"); sharding makes that walk one shard's
+// Services instead of all of them.
+func RenderSharded(snap *model.Snapshot, cfg *proxy.Config, prev *Ruleset, shards int) *Ruleset {
 	fams := cfg.Families
 	if len(fams) == 0 {
 		fams = []model.Family{model.IPv4}
 	}
+	shards = max(shards, 1)
 	rs := &Ruleset{}
 	for _, f := range fams {
-		var pt *Table
-		if prev != nil {
-			pt = prev.Table(f)
-		}
-		rs.Tables = append(rs.Tables, renderTable(f, snap, cfg, pt))
+		rs.Tables = append(rs.Tables, renderFamily(f, snap, cfg, prev, shards)...)
 	}
 	return rs
 }
 
-// TableKey identifies the inputs, besides the service ports themselves, that
-// every object of a table depends on; when it changes nothing can be reused.
-func tableKey(f model.Family, snap *model.Snapshot, cfg *proxy.Config) string {
-	n := snap.Node
-	return fmt.Sprintf("%d|%s|%v|%v|%v|%v", f, n.Name, n.Zone, n.Addresses, n.PodCIDRs, cfg.LocalPrefixes(f, n))
+// ShardTableName is the name of shard i's table.
+func ShardTableName(i int) string { return fmt.Sprintf("%s-shard-%02d", TableName, i) }
+
+// IsOurTable reports whether a table of this name is miniproxy's: the main
+// table or any shard (of any shard count, so leftovers can be removed).
+func IsOurTable(name string) bool {
+	return name == TableName || strings.HasPrefix(name, TableName+"-shard-")
 }
 
-func renderTable(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev *Table) *Table {
-	t := &Table{
-		Family:   f,
-		Name:     TableName,
-		Services: make(map[model.ServicePortName]*ServiceObjects, len(snap.Services)),
-		key:      tableKey(f, snap, cfg),
-	}
-	t.Chains, t.Sets = staticObjects(f, snap.Node, cfg)
-	reuse := prev != nil && prev.key == t.key
-	r := &renderer{f: f, node: snap.Node, cfg: cfg, local: cfg.LocalPrefixes(f, snap.Node)}
-	for name, sp := range snap.Services {
-		if reuse {
-			if so, ok := prev.Services[name]; ok && so.Source == sp {
-				t.Services[name] = so
-				continue
+// shardOf places a service port in a shard by its name, so it stays there
+// while the shard count does not change.
+func shardOf(name model.ServicePortName, shards int) int {
+	h := fnv.New32a()
+	h.Write([]byte(name.String()))
+	return int(h.Sum32() % uint32(shards))
+}
+
+// mainOnly are the maps that stay in the main table when sharded: the filter
+// chains that look them up are not per shard.
+var mainOnly = map[string]bool{MapNoEndpointIPs: true, MapNoEndpointNodePorts: true, MapFirewallIPs: true}
+
+// shardStatic are the static objects every shard table carries, and the
+// main table only when not sharded.
+var shardStatic = map[string]bool{ChainNatPrerouting: true, ChainNatOutput: true, ChainServices: true,
+	MapServiceIPs: true, MapServiceNodePorts: true}
+
+// TableKey identifies the inputs, besides the service ports themselves, that
+// every object of a table depends on; when it changes nothing can be reused.
+func tableKey(f model.Family, snap *model.Snapshot, cfg *proxy.Config, shards int) string {
+	n := snap.Node
+	return fmt.Sprintf("%d|%s|%v|%v|%v|%v|%d", f, n.Name, n.Zone, n.Addresses, n.PodCIDRs, cfg.LocalPrefixes(f, n), shards)
+}
+
+func renderFamily(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev *Ruleset, shards int) []*Table {
+	key := tableKey(f, snap, cfg, shards)
+	chains, sets := staticObjects(f, snap.Node, cfg)
+	newTable := func(name string, isMain bool) *Table {
+		t := &Table{Family: f, Name: name, key: key, Services: map[model.ServicePortName]*ServiceObjects{}}
+		for _, c := range chains {
+			if shards == 1 || shardStatic[c.Name] != isMain {
+				t.Chains = append(t.Chains, c)
 			}
 		}
-		if so := r.service(sp); so != nil {
-			t.Services[name] = so
+		for _, st := range sets {
+			if shards == 1 || shardStatic[st.Name] != isMain {
+				t.Sets = append(t.Sets, st)
+			}
+		}
+		return t
+	}
+	main := newTable(TableName, true)
+	main.Services = make(map[model.ServicePortName]*ServiceObjects, len(snap.Services)/shards+1)
+	tables := []*Table{main}
+	for i := 0; shards > 1 && i < shards; i++ {
+		tables = append(tables, newTable(ShardTableName(i), false))
+	}
+	prevOf := func(t *Table) *Table {
+		if prev == nil {
+			return nil
+		}
+		if p := prev.Lookup(f, t.Name); p != nil && p.key == key {
+			return p
+		}
+		return nil
+	}
+	prevs := make([]*Table, len(tables))
+	for i, t := range tables {
+		prevs[i] = prevOf(t)
+	}
+	r := &renderer{f: f, node: snap.Node, cfg: cfg, local: cfg.LocalPrefixes(f, snap.Node)}
+	for name, sp := range snap.Services {
+		si := 0
+		if shards > 1 {
+			si = 1 + shardOf(name, shards)
+		}
+		if reuseService(prevs[0], prevs[si], name, sp) {
+			if so := prevs[0].Services[name]; so != nil {
+				main.Services[name] = so
+			}
+			if so := prevs[si].Services[name]; so != nil && si != 0 {
+				tables[si].Services[name] = so
+			}
+			continue
+		}
+		so := r.service(sp)
+		if so == nil {
+			continue
+		}
+		if si == 0 {
+			main.Services[name] = so
+			continue
+		}
+		m, sh := splitService(so)
+		if m != nil {
+			main.Services[name] = m
+		}
+		if sh != nil {
+			tables[si].Services[name] = sh
 		}
 	}
-	return t
+	return tables
+}
+
+// reuseService reports whether the previous render's objects of name, in the
+// main table pm and its shard ps, came from sp itself.
+func reuseService(pm, ps *Table, name model.ServicePortName, sp *model.ServicePort) bool {
+	if pm == nil || ps == nil {
+		return false
+	}
+	m, s := pm.Services[name], ps.Services[name]
+	if m == nil && s == nil {
+		return false
+	}
+	return (m == nil || m.Source == sp) && (s == nil || s.Source == sp)
+}
+
+// splitService divides one service port's objects between the main table
+// (the firewall chain and the elements of main-only maps) and its shard
+// (everything the shard's dispatch reaches). Either part may be nil.
+func splitService(so *ServiceObjects) (main, shard *ServiceObjects) {
+	m := &ServiceObjects{Source: so.Source}
+	s := &ServiceObjects{Source: so.Source, Sets: so.Sets}
+	for _, c := range so.Chains {
+		if strings.HasPrefix(c.Name, "firewall-") {
+			m.Chains = append(m.Chains, c)
+		} else {
+			s.Chains = append(s.Chains, c)
+		}
+	}
+	for _, e := range so.Elements {
+		if mainOnly[e.Map] {
+			m.Elements = append(m.Elements, e)
+		} else {
+			s.Elements = append(s.Elements, e)
+		}
+	}
+	if len(m.Chains)+len(m.Elements) > 0 {
+		main = m
+	}
+	if len(s.Chains)+len(s.Sets)+len(s.Elements) > 0 {
+		shard = s
+	}
+	return main, shard
 }
 
 func rule(e ...Expr) Rule { return Rule(e) }

@@ -21,12 +21,34 @@ import (
 // namespace, so object names inside carry no product prefix.
 const TableName = "miniproxy"
 
-// Ruleset is everything miniproxy programs: one table per IP family.
+// Ruleset is everything miniproxy programs: per IP family, the main table
+// and, when sharded, the shard tables after it.
 type Ruleset struct {
 	Tables []*Table
 }
 
-// Table returns the table of family f, or nil.
+// Lookup returns the table of family f called name, or nil.
+func (rs *Ruleset) Lookup(f model.Family, name string) *Table {
+	for _, t := range rs.Tables {
+		if t.Family == f && t.Name == name {
+			return t
+		}
+	}
+	return nil
+}
+
+// Family returns every table of family f, the main one first.
+func (rs *Ruleset) Family(f model.Family) []*Table {
+	var out []*Table
+	for _, t := range rs.Tables {
+		if t.Family == f {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// Table returns the main table of family f, or nil.
 func (rs *Ruleset) Table(f model.Family) *Table {
 	for _, t := range rs.Tables {
 		if t.Family == f {

@@ -15,8 +15,17 @@ import (
 // TestSharedBehaviorTable runs the table every backend shares through this
 // tracer of the rendered nftables ruleset.
 func TestSharedBehaviorTable(t *testing.T) {
+	for _, shards := range []int{1, 3} {
+		t.Run(fmt.Sprintf("shards=%d", shards), func(t *testing.T) { runBehavior(t, shards) })
+	}
+}
+
+// runBehavior: with 3 shards the fixture's Services land in different shard
+// tables, so dispatch, the main table's filter checks and masquerading, and
+// the skip of later nat chains once one has NATed are all on the path.
+func runBehavior(t *testing.T, shards int) {
 	behavior.Run(t, func(cfg proxy.Config, snap *model.Snapshot, pkt behavior.Packet) (behavior.Verdict, error) {
-		rs := ruleset.Render(snap, &cfg, nil)
+		rs := ruleset.RenderSharded(snap, &cfg, nil, shards)
 		v := Trace(rs, Packet{Src: pkt.Src, Dst: pkt.Dst, Proto: pkt.Proto, Port: pkt.Port, LocalOrigin: pkt.FromNode, LocalAddrs: behavior.LocalAddrs()})
 		if len(v.Problems) > 0 {
 			return behavior.Verdict{}, fmt.Errorf("tracer problems: %s", strings.Join(v.Problems, "; "))

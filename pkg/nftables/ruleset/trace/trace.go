@@ -76,35 +76,22 @@ type tracer struct {
 }
 
 // Trace follows pkt through the rendered ruleset: the base chains of each hook
-// on its path in priority order, every branch of every numgen, and returns
-// what may happen. Dynamic affinity sets are taken as empty (a first
-// connection).
+// on its path in priority order (across all tables of the packet's family,
+// main and shards), every branch of every numgen, and returns what may happen.
+// Dynamic affinity sets are taken as empty (a first connection).
 func Trace(set *rs.Ruleset, pkt Packet) Verdict {
 	var v Verdict
-	t := set.Table(model.FamilyOf(pkt.Dst))
-	if t == nil {
+	tables := set.Family(model.FamilyOf(pkt.Dst))
+	if len(tables) == 0 {
 		v.Accept = true
 		return v
 	}
-	tr := &tracer{t: t, pkt: pkt, chains: map[string]*rs.Chain{}, sets: map[string]*rs.Set{},
-		elems: map[string]map[string]rs.Element{}, problems: map[string]bool{}}
-	for _, c := range t.AllChains() {
-		tr.chains[c.Name] = c
+	problems := map[string]bool{}
+	var trs []*tracer
+	for _, t := range tables {
+		trs = append(trs, newTracer(t, pkt, problems))
 	}
-	for _, s := range t.AllSets() {
-		tr.sets[s.Name] = s
-	}
-	for m, es := range t.Elements() {
-		s := tr.sets[m]
-		if s == nil {
-			tr.problems["elements for unknown map "+m] = true
-			continue
-		}
-		tr.elems[m] = map[string]rs.Element{}
-		for _, e := range es {
-			tr.elems[m][e.KeyString(s.Key)] = e
-		}
-	}
+	tr := trs[0]
 
 	states := []tstate{{dst: pkt.Dst, port: pkt.Port}}
 	hooks := []rs.Hook{rs.HookPrerouting, ""}
@@ -122,7 +109,7 @@ func Trace(set *rs.Ruleset, pkt Packet) Verdict {
 					hook = rs.HookInput
 				}
 			}
-			next = append(next, tr.runHook(hook, st)...)
+			next = append(next, runHook(trs, hook, st)...)
 		}
 		states = next
 	}
@@ -150,11 +137,36 @@ func Trace(set *rs.Ruleset, pkt Packet) Verdict {
 		}
 		return !v.Endpoints[i].Masquerade && v.Endpoints[j].Masquerade
 	})
-	for p := range tr.problems {
+	for p := range problems {
 		v.Problems = append(v.Problems, p)
 	}
 	sort.Strings(v.Problems)
 	return v
+}
+
+// newTracer indexes one table's chains, sets and elements; names resolve
+// within the table, as in the kernel.
+func newTracer(t *rs.Table, pkt Packet, problems map[string]bool) *tracer {
+	tr := &tracer{t: t, pkt: pkt, chains: map[string]*rs.Chain{}, sets: map[string]*rs.Set{},
+		elems: map[string]map[string]rs.Element{}, problems: problems}
+	for _, c := range t.AllChains() {
+		tr.chains[c.Name] = c
+	}
+	for _, s := range t.AllSets() {
+		tr.sets[s.Name] = s
+	}
+	for m, es := range t.Elements() {
+		s := tr.sets[m]
+		if s == nil {
+			tr.problems["elements for unknown map "+m] = true
+			continue
+		}
+		tr.elems[m] = map[string]rs.Element{}
+		for _, e := range es {
+			tr.elems[m][e.KeyString(s.Key)] = e
+		}
+	}
+	return tr
 }
 
 func (tr *tracer) local(a netip.Addr) bool {
@@ -169,30 +181,47 @@ func (tr *tracer) local(a netip.Addr) bool {
 	return false
 }
 
-// runHook runs the base chains of hook in priority order; a drop or reject
-// ends the packet, accept only ends that base chain.
-func (tr *tracer) runHook(h rs.Hook, st tstate) []tstate {
-	var bases []*rs.Chain
-	for _, c := range tr.chains {
-		if c.Base != nil && c.Base.Hook == h {
-			bases = append(bases, c)
+// runHook runs the base chains of hook in every table in priority order; a
+// drop or reject ends the packet, accept only ends that base chain. Once a
+// connection has its NAT binding, the kernel skips the remaining nat chains
+// of the hook (nf_nat runs them only until one sets it up), which is what
+// lets several shard tables share the dstnat priority.
+func runHook(trs []*tracer, h rs.Hook, st tstate) []tstate {
+	type base struct {
+		tr *tracer
+		c  *rs.Chain
+	}
+	var bases []base
+	for _, tr := range trs {
+		for _, c := range tr.chains {
+			if c.Base != nil && c.Base.Hook == h {
+				bases = append(bases, base{tr, c})
+			}
 		}
 	}
 	sort.Slice(bases, func(i, j int) bool {
-		if bases[i].Base.Priority != bases[j].Base.Priority {
-			return bases[i].Base.Priority < bases[j].Base.Priority
+		bi, bj := bases[i], bases[j]
+		if bi.c.Base.Priority != bj.c.Base.Priority {
+			return bi.c.Base.Priority < bj.c.Base.Priority
 		}
-		return bases[i].Name < bases[j].Name
+		if bi.tr.t.Name != bj.tr.t.Name {
+			return bi.tr.t.Name < bj.tr.t.Name
+		}
+		return bi.c.Name < bj.c.Name
 	})
 	states := []tstate{st}
-	for _, c := range bases {
+	for _, b := range bases {
 		var next []tstate
 		for _, s := range states {
 			if s.fate == drop || s.fate == reject {
 				next = append(next, s)
 				continue
 			}
-			for _, r := range tr.evalFrom(c, 0, s) {
+			if b.c.Base.Type == rs.TypeNAT && ((h == rs.HookPostrouting && s.masq) || (h != rs.HookPostrouting && s.dnat)) {
+				next = append(next, s)
+				continue
+			}
+			for _, r := range b.tr.evalFrom(b.c, 0, s) {
 				if r.fate == accept || r.fate == cont {
 					r.fate = cont
 				}
