@@ -7,8 +7,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
-	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -16,9 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/netnsrun"
 	"github.com/miniproxy/miniproxy/pkg/nftables/internal/fixture"
 	"github.com/miniproxy/miniproxy/pkg/nftables/ruleset"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
@@ -102,25 +99,9 @@ func TestKernelReadback(t *testing.T) {
 // fn stay in that namespace.
 func inNS(t *testing.T, fd int, fn func()) {
 	t.Helper()
-	runtime.LockOSThread()
-	orig, err := os.Open("/proc/thread-self/ns/net")
-	if err != nil {
-		runtime.UnlockOSThread()
+	if err := netnsrun.FD(fd, func() error { fn(); return nil }); err != nil {
 		t.Fatal(err)
 	}
-	defer orig.Close()
-	if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("setns: %v", err)
-	}
-	defer func() {
-		// If the thread cannot go back it stays locked, and the runtime
-		// discards it when the goroutine ends.
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
-			runtime.UnlockOSThread()
-		}
-	}()
-	fn()
 }
 
 // serve starts a TCP server on addr (inside the namespace) that writes its

@@ -12,12 +12,11 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
+	"github.com/miniproxy/miniproxy/pkg/netnsrun"
 )
 
 // RequireRoot skips the test, printing why, unless it runs as root with the
@@ -124,38 +123,7 @@ func AddPod(t testing.TB, node *NS, ip, gateway string) *Pod {
 
 // Do runs fn on an OS thread switched into the namespace. Sockets created by
 // fn stay in the namespace after the thread switches back.
-func (n *NS) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		// The thread is not unlocked: if switching back failed it must die
-		// with the goroutine rather than serve other goroutines in the wrong namespace.
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- fmt.Errorf("get current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		target, err := netns.GetFromName(n.Name)
-		if err != nil {
-			errc <- fmt.Errorf("open netns %s: %w", n.Name, err)
-			return
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			errc <- fmt.Errorf("enter netns %s: %w", n.Name, err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			errc <- fmt.Errorf("leave netns %s: %w", n.Name, err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+func (n *NS) Do(fn func() error) error { return netnsrun.Path(n.Path(), fn) }
 
 // ServeName starts a TCP and a UDP server on port inside the namespace that
 // answer every connection / datagram with name, and stops them at cleanup.

@@ -55,6 +55,7 @@ type options struct {
 	churnRate  float64
 	churnDur   time.Duration
 	keep       bool
+	heapProf   bool
 }
 
 // Run is one proxy in one mode at one N.
@@ -128,6 +129,7 @@ func main() {
 	}
 	flag.DurationVar(&o.churnDur, "churn-duration", churnDefault, "length of the churn phase, 0 disables it (env BENCH_CHURN_DURATION; 20s with -quick unless set)")
 	flag.BoolVar(&o.keep, "keep", os.Getenv("BENCH_KEEP") == "1", "keep the work dir (proxy logs, apiserver data) and print its path (env BENCH_KEEP=1)")
+	flag.BoolVar(&o.heapProf, "heap-profile", os.Getenv("BENCH_HEAP_PROFILE") == "1", "run miniproxy with --profiling and save its heap profile after the one-change phase as <out>/heap-<mode>-<N>.pb.gz (env BENCH_HEAP_PROFILE=1)")
 	merge := flag.String("report-from", "", "comma-separated result JSON files: merge their runs and only write the report")
 	flag.Parse()
 	if *merge != "" {
@@ -303,6 +305,9 @@ func run(o options) error {
 			for _, impl := range o.impls {
 				spec := proxySpec{Impl: impl, Mode: mode, Bin: bins[impl]}
 				spec.Args = proxyArgs(impl, mode, cluster.CP.AdminKubeconfig, node.Name)
+				if o.heapProf && impl == "miniproxy" {
+					spec.Args = append(spec.Args, "--profiling")
+				}
 				r := benchOne(ctx, o, cs, node, client, spec, n, targetIP, live, logDir)
 				res.Runs = append(res.Runs, r)
 				save()
@@ -396,6 +401,14 @@ func benchOne(ctx context.Context, o options, cs kubernetes.Interface, node *fra
 	ch, created := measureChanges(ctx, cs, p, client, live, node.Name, n, o.reps, fmt.Sprintf("%s-%s-%d", spec.Impl, spec.Mode, n))
 	r.Changes = ch
 	r.RSSMaxMB = round3(p.rssMB())
+	if o.heapProf && spec.Impl == "miniproxy" {
+		path := filepath.Join(o.out, fmt.Sprintf("heap-%s-%d.pb.gz", spec.Mode, n))
+		if err := p.saveHeapProfile(ctx, path); err != nil {
+			logf("%s at %d: heap profile: %v", spec, n, err)
+		} else {
+			logf("%s at %d: heap profile in %s (go tool pprof -sample_index=inuse_space %s)", spec, n, path, path)
+		}
+	}
 	if ch.AddAnswer != nil {
 		logf("%s at %d: add Service → VIP answers p50 %.1f ms p99 %.1f ms", spec, n, ch.AddAnswer.P50, ch.AddAnswer.P99)
 	}

@@ -125,6 +125,28 @@ func (p *proc) logTail() string {
 	return string(b)
 }
 
+// saveHeapProfile fetches the proxy's heap profile after a GC (miniproxy
+// with --profiling serves pprof on the metrics address) and writes it to path.
+func (p *proc) saveHeapProfile(ctx context.Context, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:10249/debug/pprof/heap?gc=1", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := p.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("fetch heap profile of %s: %w", p.spec, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("heap profile of %s: HTTP %s", p.spec, resp.Status)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("read heap profile of %s: %w", p.spec, err)
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
 // metrics scrapes /metrics and returns the unlabelled samples by name.
 func (p *proc) metrics(ctx context.Context) (map[string]float64, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:10249/metrics", nil)

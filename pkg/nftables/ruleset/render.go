@@ -91,9 +91,9 @@ func IsOurTable(name string) bool {
 	return name == TableName || strings.HasPrefix(name, TableName+"-shard-")
 }
 
-// shardOf places a service port in a shard by its name, so it stays there
-// while the shard count does not change.
-func shardOf(name model.ServicePortName, shards int) int {
+// ShardOf is the shard (0 … shards-1) that holds a service port: by its
+// name, so it stays there while the shard count does not change.
+func ShardOf(name model.ServicePortName, shards int) int {
 	h := fnv.New32a()
 	h.Write([]byte(name.String()))
 	return int(h.Sum32() % uint32(shards))
@@ -155,7 +155,7 @@ func renderFamily(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev 
 	for name, sp := range snap.Services {
 		si := 0
 		if shards > 1 {
-			si = 1 + shardOf(name, shards)
+			si = 1 + ShardOf(name, shards)
 		}
 		if reuseService(prevs[0], prevs[si], name, sp) {
 			if so := prevs[0].Services[name]; so != nil {

@@ -8,11 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/miniproxy/miniproxy/pkg/netnsrun"
 )
 
 // NetNS is a named network namespace (a bind mount under /run/netns) that
@@ -116,41 +117,7 @@ func (n *NetNS) Command(bin string, args ...string) *exec.Cmd {
 // Do runs fn on an OS thread that has joined the namespace. Sockets created
 // inside fn stay in the namespace after the thread switches back, which is
 // how the framework dials "from a pod" without forking a process.
-func (n *NetNS) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		// The thread is locked for the whole goroutine; if switching back
-		// fails the goroutine exits still locked, so the runtime throws the
-		// thread away instead of reusing one stuck in the wrong namespace.
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			errc <- fmt.Errorf("open current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open(n.Path())
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open netns %s: %w", n.Name, err)
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("setns %s: %w", n.Name, err)
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns back from %s: %w (thread discarded)", n.Name, err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+func (n *NetNS) Do(fn func() error) error { return netnsrun.Path(n.Path(), fn) }
 
 // DialContext opens a connection whose socket lives in the namespace. The
 // connect itself completes through the netpoller like any other socket.

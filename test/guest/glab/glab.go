@@ -24,6 +24,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/miniproxy/miniproxy/pkg/netnsrun"
 )
 
 // Addresses of the topology.
@@ -88,30 +90,7 @@ func NSPath(h netns.NsHandle) string { return fmt.Sprintf("/proc/self/fd/%d", in
 
 // In runs fn on a thread inside h's namespace. Sockets created in fn stay in
 // that namespace after fn returns.
-func In(h netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(h); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- ferr
-	}()
-	return <-errc
-}
+func In(h netns.NsHandle, fn func() error) error { return netnsrun.FD(int(h), fn) }
 
 // Must fails the test on err.
 func Must(t testing.TB, err error, what string) {
