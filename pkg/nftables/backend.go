@@ -30,11 +30,11 @@ type Backend struct {
 	shards int
 
 	mu sync.Mutex
-	// committed is what the last successful batch made the kernel hold.
-	// Nil means unknown (first sync): the next sync replaces the tables.
+	// committed is what the last successful batch made the kernel hold,
+	// compacted (rules are rendered again for the service ports a sync
+	// changes). Nil means unknown (first sync): the next sync replaces
+	// the tables.
 	committed *rs.Ruleset
-	// fps caches rule fingerprints of rendered chains for full syncs.
-	fps fpCache
 	// clean means the kernel held exactly committed at ruleset generation
 	// gen (ours was the last commit in the namespace). A full sync that
 	// finds the same generation has nothing to reconcile and skips listing
@@ -69,7 +69,7 @@ func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("nftables backend: %w", err)
 	}
-	b := &Backend{cfg: cfg, fps: fpCache{}, rotor: map[string]int{}, shards: 1}
+	b := &Backend{cfg: cfg, rotor: map[string]int{}, shards: 1}
 	for _, o := range opts {
 		o(b)
 	}
@@ -125,7 +125,7 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 			if err != nil {
 				return proxy.Result{Full: full}, fmt.Errorf("nftables full sync: reading %s table %s: %w", famName(t.Family), t.Name, err)
 			}
-			p = reconcilePlan(prev, t, obs, b.fps)
+			p = reconcilePlan(prev, t, obs)
 		default:
 			p = incrementalPlan(prev, t)
 		}
@@ -147,10 +147,11 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		b.clean = false
 		return res, fmt.Errorf("nftables sync: %w", err)
 	}
-	b.committed = desired
-	if full {
-		b.fps.prune(desired.Tables)
+	// Keep what the next sync needs to find its changes, not the rules.
+	for _, t := range desired.Tables {
+		t.Compact()
 	}
+	b.committed = desired
 	// Clean if the kernel matched before (known, or just reconciled or
 	// replaced) and our batch is the only commit since g0.
 	g1, err := b.genID()

@@ -300,27 +300,39 @@ func verdictChain(b []byte) string {
 
 // reconcilePlan compares the desired table with what the kernel holds and
 // returns the repairs, which include the changes since the last commit.
-func reconcilePlan(committed, desired *rs.Table, obs *observed, fps fpCache) *plan {
+func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 	if !obs.exists {
 		return replacePlan(desired)
 	}
 	p := newPlan(desired.Family, desired.Name, desired.Sets)
+	// What we committed is what the kernel should hold apart from drift;
+	// chains that changed since must be rewritten whatever the kernel
+	// shows, since a fingerprint does not see every detail. Objects
+	// shared with committed did not change.
+	prevChains := map[string]*rs.Chain{}
+	for _, c := range committed.Chains {
+		prevChains[c.Name] = c
+	}
+	same := map[string]bool{}
 	for name, so := range desired.Services {
-		if po := committed.Services[name]; po != so {
-			p.services++
+		po := committed.Services[name]
+		if po == so {
+			for _, c := range desired.Objects(name).Chains {
+				same[c.Name] = true
+			}
+			continue
+		}
+		p.services++
+		if po != nil {
+			for _, c := range committed.Objects(name).Chains {
+				prevChains[c.Name] = c
+			}
 		}
 	}
 	for name := range committed.Services {
 		if _, ok := desired.Services[name]; !ok {
 			p.services++
 		}
-	}
-	// What we committed is what the kernel should hold apart from drift;
-	// chains that changed since must be rewritten whatever the kernel
-	// shows, since a fingerprint does not see every detail.
-	prevChains := map[string]*rs.Chain{}
-	for _, c := range committed.AllChains() {
-		prevChains[c.Name] = c
 	}
 	want := map[string]bool{}
 	for _, c := range desired.AllChains() {
@@ -331,9 +343,12 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed, fps fpCache) *pl
 			p.writeChains = append(p.writeChains, c)
 			continue
 		}
-		pc := prevChains[c.Name]
-		changed := pc == nil || (pc != c && !reflect.DeepEqual(pc.Rules, c.Rules))
-		if changed || (obs.checked[c.Name] && !slices.Equal(fps.get(desired.Family, c), have)) {
+		changed := false
+		if !same[c.Name] {
+			pc := prevChains[c.Name]
+			changed = pc == nil || (pc != c && !reflect.DeepEqual(pc.Rules, c.Rules))
+		}
+		if changed || (obs.checked[c.Name] && !slices.Equal(fingerprints(desired.Family, c), have)) {
 			p.flushChains = append(p.flushChains, c.Name)
 			p.writeChains = append(p.writeChains, c)
 		}
@@ -394,15 +409,9 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed, fps fpCache) *pl
 	return p
 }
 
-// fpCache keeps the fingerprints of rendered chains. Chains are immutable
-// and shared between syncs while their service is unchanged, so the pointer
-// is a valid key and a periodic full sync re-encodes only what changed.
-type fpCache map[*rs.Chain][]string
-
-func (fc fpCache) get(f model.Family, c *rs.Chain) []string {
-	if fp, ok := fc[c]; ok {
-		return fp
-	}
+// fingerprints returns the fingerprints of c's rules, comparable with the
+// ones dumpRules reads from the kernel.
+func fingerprints(f model.Family, c *rs.Chain) []string {
 	fp := make([]string, 0, len(c.Rules))
 	for _, r := range c.Rules {
 		s, err := fingerprint(f, r)
@@ -411,23 +420,7 @@ func (fc fpCache) get(f model.Family, c *rs.Chain) []string {
 		}
 		fp = append(fp, s)
 	}
-	fc[c] = fp
 	return fp
-}
-
-// prune drops entries for chains no longer in any of tables.
-func (fc fpCache) prune(tables []*rs.Table) {
-	live := map[*rs.Chain]bool{}
-	for _, t := range tables {
-		for _, c := range t.AllChains() {
-			live[c] = true
-		}
-	}
-	for c := range fc {
-		if !live[c] {
-			delete(fc, c)
-		}
-	}
 }
 
 var errBadKey = errors.New("unexpected element key layout")

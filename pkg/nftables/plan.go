@@ -131,18 +131,22 @@ func (p *plan) diffObjects(oldChains, newChains []*rs.Chain, oldSets, newSets []
 func incrementalPlan(prev, next *rs.Table) *plan {
 	p := newPlan(next.Family, next.Name, next.Sets)
 	p.diffObjects(prev.Chains, next.Chains, prev.Sets, next.Sets, nil, nil)
+	// Objects shared with prev are unchanged; the others are rendered in
+	// full again if a table was compacted (only these few).
 	for name, so := range next.Services {
 		if po := prev.Services[name]; po != so {
 			p.services++
+			po, so = prev.Objects(name), next.Objects(name)
 			if po == nil {
 				po = &rs.ServiceObjects{}
 			}
 			p.diffObjects(po.Chains, so.Chains, po.Sets, so.Sets, po.Elements, so.Elements)
 		}
 	}
-	for name, po := range prev.Services {
+	for name := range prev.Services {
 		if _, ok := next.Services[name]; !ok {
 			p.services++
+			po := prev.Objects(name)
 			p.diffObjects(po.Chains, nil, po.Sets, nil, po.Elements, nil)
 		}
 	}

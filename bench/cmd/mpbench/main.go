@@ -56,20 +56,24 @@ type options struct {
 	churnDur   time.Duration
 	keep       bool
 	heapProf   bool
+	cpuProf    bool
 }
 
 // Run is one proxy in one mode at one N.
 type Run struct {
-	Impl          string        `json:"impl"`
-	Mode          string        `json:"mode"`
-	N             int           `json:"services"`
-	ColdStartS    float64       `json:"cold_start_s"` // process start → last-created VIP answers; -1 when it timed out
-	FirstSyncS    float64       `json:"first_sync_reported_s"`
-	TimedOut      bool          `json:"timed_out,omitempty"`
-	TimeoutS      float64       `json:"timeout_s"`
-	CPUColdS      float64       `json:"cpu_to_first_sync_s"`
-	RSSMB         float64       `json:"rss_after_sync_mb"`
-	RSSMaxMB      float64       `json:"rss_after_changes_mb"`
+	Impl       string  `json:"impl"`
+	Mode       string  `json:"mode"`
+	N          int     `json:"services"`
+	ColdStartS float64 `json:"cold_start_s"` // process start → last-created VIP answers; -1 when it timed out
+	FirstSyncS float64 `json:"first_sync_reported_s"`
+	TimedOut   bool    `json:"timed_out,omitempty"`
+	TimeoutS   float64 `json:"timeout_s"`
+	CPUColdS   float64 `json:"cpu_to_first_sync_s"`
+	RSSMB      float64 `json:"rss_after_sync_mb"`
+	RSSMaxMB   float64 `json:"rss_after_changes_mb"`
+	// RSSSettledMB is read settleRSS after the first sync: the peak at the
+	// moment the VIP answers includes buffers the proxy frees right after.
+	RSSSettledMB  float64       `json:"rss_settled_mb,omitempty"`
 	TargetAfterMs float64       `json:"target_answer_after_sync_ms"`
 	FirstConnect  *Stats        `json:"first_connect_target"`
 	DirectConnect *Stats        `json:"first_connect_direct_pod"`
@@ -130,6 +134,7 @@ func main() {
 	flag.DurationVar(&o.churnDur, "churn-duration", churnDefault, "length of the churn phase, 0 disables it (env BENCH_CHURN_DURATION; 20s with -quick unless set)")
 	flag.BoolVar(&o.keep, "keep", os.Getenv("BENCH_KEEP") == "1", "keep the work dir (proxy logs, apiserver data) and print its path (env BENCH_KEEP=1)")
 	flag.BoolVar(&o.heapProf, "heap-profile", os.Getenv("BENCH_HEAP_PROFILE") == "1", "run miniproxy with --profiling and save its heap profile after the one-change phase as <out>/heap-<mode>-<N>.pb.gz (env BENCH_HEAP_PROFILE=1)")
+	flag.BoolVar(&o.cpuProf, "cpu-profile", os.Getenv("BENCH_CPU_PROFILE") == "1", "run miniproxy with --profiling and save CPU profiles of its first 6 s (cold start) and of the one-change phase as <out>/cpu-{cold,changes}-<mode>-<N>.pb.gz (env BENCH_CPU_PROFILE=1)")
 	merge := flag.String("report-from", "", "comma-separated result JSON files: merge their runs and only write the report")
 	flag.Parse()
 	if *merge != "" {
@@ -305,7 +310,7 @@ func run(o options) error {
 			for _, impl := range o.impls {
 				spec := proxySpec{Impl: impl, Mode: mode, Bin: bins[impl]}
 				spec.Args = proxyArgs(impl, mode, cluster.CP.AdminKubeconfig, node.Name)
-				if o.heapProf && impl == "miniproxy" {
+				if (o.heapProf || o.cpuProf) && impl == "miniproxy" {
 					spec.Args = append(spec.Args, "--profiling")
 				}
 				r := benchOne(ctx, o, cs, node, client, spec, n, targetIP, live, logDir)
@@ -349,6 +354,11 @@ func benchOne(ctx context.Context, o options, cs kubernetes.Interface, node *fra
 	if err != nil {
 		r.Error = err.Error()
 		return r
+	}
+	profiling := o.cpuProf && spec.Impl == "miniproxy"
+	var coldProf <-chan error
+	if profiling {
+		coldProf = p.cpuProfileFromStart(ctx, 6, filepath.Join(o.out, fmt.Sprintf("cpu-cold-%s-%d.pb.gz", spec.Mode, n)))
 	}
 	defer func() {
 		p.stop(20 * time.Second)
@@ -398,12 +408,35 @@ func benchOne(ctx context.Context, o options, cs kubernetes.Interface, node *fra
 		r.Error = err.Error()
 		return r
 	}
+	if wait := time.Until(synced.Add(settleRSS)); wait > 0 {
+		time.Sleep(wait)
+	}
+	r.RSSSettledMB = round3(p.rssMB())
+	logf("%s at %d: RSS %v after the first sync: %.1f MB", spec, n, settleRSS, r.RSSSettledMB)
+	var changesProf <-chan error
+	if profiling {
+		if err := <-coldProf; err != nil {
+			logf("%s at %d: cold-start CPU profile: %v", spec, n, err)
+		}
+		// measureChanges spends about 2.5 s per change, two changes per rep.
+		secs := 5*o.reps + 2
+		changesProf = goErr(func() error {
+			return p.saveProfile(ctx, fmt.Sprintf("profile?seconds=%d", secs), filepath.Join(o.out, fmt.Sprintf("cpu-changes-%s-%d.pb.gz", spec.Mode, n)))
+		})
+	}
 	ch, created := measureChanges(ctx, cs, p, client, live, node.Name, n, o.reps, fmt.Sprintf("%s-%s-%d", spec.Impl, spec.Mode, n))
+	if changesProf != nil {
+		if err := <-changesProf; err != nil {
+			logf("%s at %d: one-change CPU profile: %v", spec, n, err)
+		} else {
+			logf("%s at %d: CPU profiles in %s/cpu-{cold,changes}-%s-%d.pb.gz", spec, n, o.out, spec.Mode, n)
+		}
+	}
 	r.Changes = ch
 	r.RSSMaxMB = round3(p.rssMB())
 	if o.heapProf && spec.Impl == "miniproxy" {
 		path := filepath.Join(o.out, fmt.Sprintf("heap-%s-%d.pb.gz", spec.Mode, n))
-		if err := p.saveHeapProfile(ctx, path); err != nil {
+		if err := p.saveProfile(ctx, "heap?gc=1", path); err != nil {
 			logf("%s at %d: heap profile: %v", spec, n, err)
 		} else {
 			logf("%s at %d: heap profile in %s (go tool pprof -sample_index=inuse_space %s)", spec, n, path, path)
@@ -431,6 +464,15 @@ func benchOne(ctx context.Context, o options, cs kubernetes.Interface, node *fra
 		}
 	}
 	return r
+}
+
+// settleRSS is how long after the first sync the settled RSS is read.
+const settleRSS = 3 * time.Second
+
+func goErr(f func() error) <-chan error {
+	c := make(chan error, 1)
+	go func() { c <- f() }()
+	return c
 }
 
 // reportFrom merges the runs of several result files (e.g. a quick 1k run and

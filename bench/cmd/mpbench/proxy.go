@@ -125,26 +125,46 @@ func (p *proc) logTail() string {
 	return string(b)
 }
 
-// saveHeapProfile fetches the proxy's heap profile after a GC (miniproxy
-// with --profiling serves pprof on the metrics address) and writes it to path.
-func (p *proc) saveHeapProfile(ctx context.Context, path string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:10249/debug/pprof/heap?gc=1", nil)
+// saveProfile fetches one pprof profile from the proxy (miniproxy with
+// --profiling serves pprof on the metrics address), e.g. "heap?gc=1" or
+// "profile?seconds=5", and writes it to path.
+func (p *proc) saveProfile(ctx context.Context, which, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:10249/debug/pprof/"+which, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := p.hc.Do(req)
+	// A CPU profile takes as long as it asks for; the shared client's
+	// timeout is for scrapes.
+	resp, err := (&http.Client{Transport: p.hc.Transport}).Do(req)
 	if err != nil {
-		return fmt.Errorf("fetch heap profile of %s: %w", p.spec, err)
+		return fmt.Errorf("fetch %s profile of %s: %w", which, p.spec, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("heap profile of %s: HTTP %s", p.spec, resp.Status)
+		return fmt.Errorf("%s profile of %s: HTTP %s", which, p.spec, resp.Status)
 	}
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return fmt.Errorf("read heap profile of %s: %w", p.spec, err)
+		return fmt.Errorf("read %s profile of %s: %w", which, p.spec, err)
 	}
 	return os.WriteFile(path, b, 0o644)
+}
+
+// cpuProfileFromStart records a CPU profile of the proxy's first seconds
+// (its cold start) into path, starting as soon as the endpoint listens.
+func (p *proc) cpuProfileFromStart(ctx context.Context, seconds int, path string) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		deadline := time.Now().Add(2 * time.Second)
+		for time.Now().Before(deadline) {
+			if _, err := p.metrics(ctx); err == nil {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		done <- p.saveProfile(ctx, fmt.Sprintf("profile?seconds=%d", seconds), path)
+	}()
+	return done
 }
 
 // metrics scrapes /metrics and returns the unlabelled samples by name.

@@ -64,6 +64,7 @@ var metrics = []metric{
 	{"remove 1 endpoint: proxy's network_programming, p50", "ms", statP(changes(func(c *changeResult) *Stats { return c.RemoveProg }), false)},
 	{"remove 1 endpoint: proxy's network_programming, p99", "ms", statP(changes(func(c *changeResult) *Stats { return c.RemoveProg }), true)},
 	{"RSS after first sync", "MB", func(r *Run) (float64, bool) { return r.RSSMB, r.RSSMB > 0 && !r.TimedOut }},
+	{"RSS 3 s after first sync", "MB", func(r *Run) (float64, bool) { return r.RSSSettledMB, r.RSSSettledMB > 0 }},
 	{"RSS after the changes", "MB", func(r *Run) (float64, bool) { return r.RSSMaxMB, r.RSSMaxMB > 0 }},
 	{"first connect to the last-created VIP, p50", "ms", statP(func(r *Run) *Stats { return r.FirstConnect }, false)},
 	{"first connect direct to the pod (baseline), p50", "ms", statP(func(r *Run) *Stats { return r.DirectConnect }, false)},
@@ -215,7 +216,8 @@ func writeReport(dir string, res *Result, jsonPath string) error {
 	w("  trigger-time annotation does not blur it.\n")
 	w("- *first connect*: connect() time of fresh connections from a pod to the Service created last (worst position in a\n")
 	w("  linear iptables walk), next to the same connect straight to a pod IP.\n")
-	w("- *RSS*: VmRSS of the proxy process from /proc after the first sync and after the change series.\n")
+	w("- *RSS*: VmRSS of the proxy process from /proc when the last Service first answers (the peak of a cold start,\n")
+	w("  with its buffers still held), 3 s after the proxy reported its first sync, and after the change series.\n")
 	w("- *churn*: after the one-at-a-time changes, a steady stream of EndpointSlice updates (a ticker and a few parallel\n")
 	w("  writers; `-churn-rate`, default 50/s, for `-churn-duration`, default 60 s, 20 s with -quick) spread round-robin\n")
 	w("  over the first min(1,000, N) bulk Services, each update removing or restoring one endpoint and carrying the\n")
@@ -266,7 +268,7 @@ func writePlots(dir string, res *Result) error {
 			series{"add-service-" + mode + ".png", "add 1 Service → VIP answers (p50), " + mode, "milliseconds", []string{mode}, add},
 		)
 	}
-	all = append(all, series{"rss.png", "RSS after first sync", "MB", []string{"iptables", "nftables"}, metrics[8].get})
+	all = append(all, series{"rss.png", "RSS 3 s after first sync", "MB", []string{"iptables", "nftables"}, metrics[9].get})
 	for _, s := range all {
 		p := plot.New()
 		p.Title.Text = s.title

@@ -151,7 +151,7 @@ func (rs *Ruleset) DumpServices() string {
 func (t *Table) AllChains() []*Chain {
 	out := append([]*Chain(nil), t.Chains...)
 	for _, so := range t.Services {
-		out = append(out, so.Chains...)
+		out = append(out, t.full(so).Chains...)
 	}
 	return out
 }
@@ -160,7 +160,7 @@ func (t *Table) AllChains() []*Chain {
 func (t *Table) AllSets() []*Set {
 	out := append([]*Set(nil), t.Sets...)
 	for _, so := range t.Services {
-		out = append(out, so.Sets...)
+		out = append(out, t.full(so).Sets...)
 	}
 	return out
 }
@@ -169,7 +169,7 @@ func (t *Table) AllSets() []*Set {
 func (t *Table) Elements() map[string][]Element {
 	out := map[string][]Element{}
 	for _, so := range t.Services {
-		for _, me := range so.Elements {
+		for _, me := range t.full(so).Elements {
 			out[me.Map] = append(out[me.Map], me.Element)
 		}
 	}
@@ -189,6 +189,7 @@ func (t *Table) dump(b *strings.Builder, servicesOnly bool) {
 			}
 		}
 		for _, so := range t.Services {
+			so = t.full(so)
 			sets = append(sets, so.Sets...)
 			chains = append(chains, so.Chains...)
 		}

@@ -70,6 +70,18 @@ type Table struct {
 	// key records the non-service inputs (node, detector) the objects were
 	// rendered from; see tableKey.
 	key string
+	// in renders this table's share of a service port again (see
+	// Compact): the renderer the table was made with, the shard count and
+	// which part the table is (0: main table, i+1: shard i).
+	in     *renderer
+	shards int
+	part   int
+	// src is the snapshot's service map the table was rendered from
+	// (a copy shared by the family's tables), so the next render finds the changed
+	// names with one pointer comparison each.
+	src map[model.ServicePortName]*model.ServicePort
+	// fresh are the names rendered (not reused) for this table.
+	fresh []model.ServicePortName
 }
 
 // ServiceObjects are the chains, sets and map elements one service port owns.
@@ -80,6 +92,58 @@ type ServiceObjects struct {
 	Chains   []*Chain
 	Sets     []*Set
 	Elements []MapElement
+	// compact objects hold only Source; Table.Objects renders the rest
+	// again when it is needed (see Table.Compact).
+	compact bool
+}
+
+// Compact drops the chains, sets and elements of the service ports this
+// table rendered itself, keeping only their Source. A backend keeps the
+// ruleset it committed to find what the next render changes; at 10k
+// Services the rules are its largest part, and they are needed again only
+// for the few service ports a later sync changes (or for a repair), where
+// rendering them again from Source costs microseconds each. Rendering is
+// pure, so the objects come back identical.
+func (t *Table) Compact() {
+	if t.in == nil {
+		return
+	}
+	for _, n := range t.fresh {
+		if so := t.Services[n]; so != nil && !so.compact {
+			t.Services[n] = &ServiceObjects{Source: so.Source, compact: true}
+		}
+	}
+	t.fresh = nil
+}
+
+// Objects returns the objects of name in t (nil if it has none), rendered
+// again if t was compacted.
+func (t *Table) Objects(name model.ServicePortName) *ServiceObjects {
+	return t.full(t.Services[name])
+}
+
+// full returns so with its chains, sets and elements.
+func (t *Table) full(so *ServiceObjects) *ServiceObjects {
+	if so == nil || !so.compact {
+		return so
+	}
+	all := t.in.service(so.Source)
+	var part *ServiceObjects
+	switch {
+	case all == nil:
+	case t.shards == 1:
+		part = all
+	case t.part == 0:
+		part, _ = splitService(all)
+	default:
+		_, part = splitService(all)
+	}
+	if part == nil {
+		// Not reachable for objects this table rendered; an empty share
+		// keeps callers simple.
+		part = &ServiceObjects{Source: so.Source}
+	}
+	return part
 }
 
 // Hook is a netfilter hook.
