@@ -66,25 +66,105 @@ func (p *plan) size() (msgs, bytes int) {
 	return msgs, bytes
 }
 
-// apply sends every plan as one batch and returns the number of messages.
-func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
+// apply sends the plans and returns the number of messages. Normally they
+// go as one batch, so the kernel moves from the committed ruleset to the
+// desired one atomically. When every plan replaces its table (a cold start,
+// when nothing of ours is known to be in place) each table goes in its own
+// batch instead, encoded while the kernel commits the previous one: the
+// tables do not reference each other, a half-done cold start is repaired
+// by the next sync replacing everything again, and the Go side's encoding
+// (about a third of a cold start) then overlaps the kernel's work. It also
+// bounds the peak batch buffer to one table's. It also returns how many
+// batches it committed (each moves the ruleset generation by one).
+func (b *Backend) apply(ctx context.Context, plans []*plan) (msgs, batches int, err error) {
+	pipeline := len(plans) > 2
+	for _, p := range plans {
+		pipeline = pipeline && p.replace
+	}
+	if !pipeline {
+		body, size, err := encode(plans)
+		if err != nil || len(body) == 0 {
+			return 0, 0, err
+		}
+		n, err := b.send(ctx, body, size)
+		return n, 1, err
+	}
+	type encoded struct {
+		body []netlink.Message
+		size int
+		err  error
+	}
+	next := make(chan encoded, 1)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		defer close(next)
+		for _, p := range plans {
+			body, size, err := encode([]*plan{p})
+			select {
+			case next <- encoded{body, size, err}:
+			case <-stop:
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	for e := range next {
+		if e.err != nil {
+			return msgs, batches, e.err
+		}
+		if len(e.body) == 0 {
+			continue
+		}
+		n, err := b.send(ctx, e.body, e.size)
+		msgs += n
+		if err != nil {
+			return msgs, batches, err
+		}
+		batches++
+	}
+	return msgs, batches, nil
+}
+
+// send writes one encoded batch.
+func (b *Backend) send(ctx context.Context, body []netlink.Message, size int) (int, error) {
+	if len(body) == 0 {
+		return 0, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return 0, fmt.Errorf("%w: %w", errCanceled, err)
+	}
+	// Acks are requested for the last message only (see batch.go), so
+	// the receive buffer needs little; the send buffer holds the batch.
+	bs := &batchSender{netns: b.netns, sndbuf: size + (1 << 20), rcvbuf: 1 << 20}
+	if err := bs.send(body); err != nil {
+		return len(body), fmt.Errorf("netlink batch of %d messages: %w", len(body), err)
+	}
+	return len(body), nil
+}
+
+// encode builds the messages of plans, in one batch's order, and estimates
+// the batch's size in bytes.
+func encode(plans []*plan) ([]netlink.Message, int, error) {
 	msgs, size := 0, 0
 	for _, p := range plans {
 		m, s := p.size()
 		msgs, size = msgs+m, size+s
 	}
 	if msgs == 0 {
-		return 0, nil
+		return nil, 0, nil
 	}
 	// Order: every table's objects, then all rules, then every table's
 	// elements and deletions (see emitHead/emitTail).
 	head, err := newCapture()
 	if err != nil {
-		return 0, err
+		return nil, 0, err
 	}
 	tail, err := newCapture()
 	if err != nil {
-		return 0, err
+		return nil, 0, err
 	}
 	type job struct {
 		family model.Family
@@ -94,10 +174,10 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 	var jobs []job
 	for _, p := range plans {
 		if err := p.emitHead(head.conn); err != nil {
-			return 0, fmt.Errorf("building %s batch: %w", famName(p.family), err)
+			return nil, 0, fmt.Errorf("building %s batch: %w", famName(p.family), err)
 		}
 		if err := p.emitTail(tail.conn); err != nil {
-			return 0, fmt.Errorf("building %s batch: %w", famName(p.family), err)
+			return nil, 0, fmt.Errorf("building %s batch: %w", famName(p.family), err)
 		}
 		for _, c := range p.writeChains {
 			jobs = append(jobs, job{p.family, p.tableName, c})
@@ -136,30 +216,21 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (int, error) {
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
-		return 0, fmt.Errorf("building batch: %w", err)
+		return nil, 0, fmt.Errorf("building batch: %w", err)
 	}
 	body, err := head.messages()
 	if err != nil {
-		return 0, err
+		return nil, 0, err
 	}
 	for _, p := range parts {
 		body = append(body, p...)
 	}
 	t, err := tail.messages()
 	if err != nil {
-		return 0, err
+		return nil, 0, err
 	}
 	body = append(body, t...)
-	if err := ctx.Err(); err != nil {
-		return 0, fmt.Errorf("%w: %w", errCanceled, err)
-	}
-	// Acks are requested for the last message only (see batch.go), so
-	// the receive buffer needs little; the send buffer holds the batch.
-	bs := &batchSender{netns: b.netns, sndbuf: size + (1 << 20), rcvbuf: 1 << 20}
-	if err := bs.send(body); err != nil {
-		return len(body), fmt.Errorf("netlink batch of %d messages: %w", len(body), err)
-	}
-	return len(body), nil
+	return body, size, nil
 }
 
 func sortedKeys(m map[string][]rs.Element) []string {

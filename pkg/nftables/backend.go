@@ -140,7 +140,7 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	if len(stale) > 0 {
 		plans[0].dropTables = stale
 	}
-	msgs, err := b.apply(ctx, plans)
+	msgs, batches, err := b.apply(ctx, plans)
 	res := proxy.Result{Full: full || b.committed == nil, Changed: changed, Rules: msgs}
 	if err != nil {
 		// The batch is atomic: the kernel still holds b.committed.
@@ -153,12 +153,9 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	}
 	b.committed = desired
 	// Clean if the kernel matched before (known, or just reconciled or
-	// replaced) and our batch is the only commit since g0.
+	// replaced) and our batches are the only commits since g0.
 	g1, err := b.genID()
-	expect := g0
-	if msgs > 0 {
-		expect = g0 + 1
-	}
+	expect := g0 + uint32(batches)
 	b.clean = gerr == nil && err == nil && g1 == expect && (wasClean || full || replaced)
 	b.gen = g1
 	return res, nil

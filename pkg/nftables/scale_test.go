@@ -99,10 +99,10 @@ func BenchmarkRender10k(b *testing.B) {
 
 // BenchmarkColdSync measures the first full sync into an empty namespace.
 func BenchmarkColdSync(b *testing.B) {
-	for _, n := range []int{1000, 10000} {
-		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			snap := scaleSnap(n, 3)
-			_, be := newNSBackend(b, scaleConfig())
+	for _, c := range []struct{ n, shards int }{{1000, 1}, {10000, 1}, {10000, 16}} {
+		b.Run(fmt.Sprintf("%d/shards=%d", c.n, c.shards), func(b *testing.B) {
+			snap := scaleSnap(c.n, 5)
+			_, be := newNSBackend(b, scaleConfig(), WithShards(c.shards))
 			ctx := context.Background()
 			for b.Loop() {
 				b.StopTimer()
