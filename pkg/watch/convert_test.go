@@ -152,7 +152,7 @@ func TestStripForCacheDropsManagedFields(t *testing.T) {
 	s := svc("a", func(s *v1.Service) {
 		s.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl", Operation: metav1.ManagedFieldsOperationApply}}
 	})
-	out, err := stripForCache(s)
+	out, err := newInterner().stripForCache(s)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ package watch
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -35,8 +36,9 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 	svcInf := factory.Core().V1().Services().Informer()
 	sliceInf := sliceFactory.Discovery().V1().EndpointSlices().Informer()
 	nodeInf := nodeFactory.Core().V1().Nodes().Informer()
+	in := newInterner()
 	for _, inf := range []cache.SharedIndexInformer{svcInf, sliceInf, nodeInf} {
-		if err := inf.SetTransform(stripForCache); err != nil {
+		if err := inf.SetTransform(in.stripForCache); err != nil {
 			return fmt.Errorf("informer transform: %w", err)
 		}
 	}
@@ -85,8 +87,11 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 // Service or EndpointSlice; annotations such as kubectl's last-applied copy,
 // owner references and endpoint target references are never read. At 10k
 // Services the caches are the largest part of a steady-state heap. Only the
-// trigger-time annotation, which feeds network_programming_duration, survives.
-func stripForCache(obj any) (any, error) {
+// trigger-time annotation, which feeds network_programming_duration, and the
+// labels the proxy reads survive. Values that repeat across thousands of
+// endpoints (conditions, node names, zones, port names and protocols) are
+// shared through in.
+func (in *interner) stripForCache(obj any) (any, error) {
 	m, ok := obj.(metav1.ObjectMetaAccessor)
 	if !ok {
 		return obj, nil
@@ -94,14 +99,34 @@ func stripForCache(obj any) (any, error) {
 	meta := m.GetObjectMeta()
 	meta.SetManagedFields(nil)
 	meta.SetOwnerReferences(nil)
+	meta.SetUID("")
+	meta.SetGenerateName("")
 	switch o := obj.(type) {
 	case *discovery.EndpointSlice:
 		keepOnly(meta, AnnotationTriggerTime)
+		keepLabels(meta, discovery.LabelServiceName)
+		o.AddressType = discovery.AddressType(in.str(string(o.AddressType)))
 		for i := range o.Endpoints {
-			o.Endpoints[i].TargetRef = nil
+			e := &o.Endpoints[i]
+			e.TargetRef, e.Hostname, e.DeprecatedTopology = nil, nil, nil
+			e.Conditions.Ready = in.boolp(e.Conditions.Ready)
+			e.Conditions.Serving = in.boolp(e.Conditions.Serving)
+			e.Conditions.Terminating = in.boolp(e.Conditions.Terminating)
+			e.NodeName = in.strp(e.NodeName)
+			e.Zone = in.strp(e.Zone)
+		}
+		for i := range o.Ports {
+			pt := &o.Ports[i]
+			pt.Name = in.strp(pt.Name)
+			if pt.Protocol != nil {
+				p := v1.Protocol(in.str(string(*pt.Protocol)))
+				pt.Protocol = &p
+			}
+			pt.AppProtocol = nil
 		}
 	case *v1.Service:
 		keepOnly(meta)
+		keepLabels(meta, LabelServiceProxyName, LabelHeadless)
 	case *v1.Node:
 		// Only name, labels (zone) and addresses are read; images and
 		// conditions are a few KB per update.
@@ -110,6 +135,82 @@ func stripForCache(obj any) (any, error) {
 		o.Status.Conditions = nil
 	}
 	return obj, nil
+}
+
+// keepLabels drops every label but the named ones.
+func keepLabels(meta metav1.Object, keys ...string) {
+	l := meta.GetLabels()
+	n := 0
+	for _, k := range keys {
+		if _, ok := l[k]; ok {
+			n++
+		}
+	}
+	if n == len(l) {
+		return
+	}
+	var kept map[string]string
+	for _, k := range keys {
+		if v, ok := l[k]; ok {
+			if kept == nil {
+				kept = make(map[string]string, n)
+			}
+			kept[k] = v
+		}
+	}
+	meta.SetLabels(kept)
+}
+
+// interner shares one copy of values that repeat across cached objects. It
+// is bounded: past maxInterned distinct strings new values are kept as they
+// are, so a cluster that churns through names cannot grow it for ever.
+type interner struct {
+	mu          sync.Mutex
+	strs        map[string]*string
+	True, False *bool
+}
+
+const maxInterned = 4096
+
+func newInterner() *interner {
+	t, f := true, false
+	return &interner{strs: map[string]*string{}, True: &t, False: &f}
+}
+
+// strp returns a shared pointer to a string equal to *p (nil stays nil).
+func (in *interner) strp(p *string) *string {
+	if p == nil {
+		return nil
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if q, ok := in.strs[*p]; ok {
+		return q
+	}
+	if len(in.strs) < maxInterned {
+		in.strs[*p] = p
+	}
+	return p
+}
+
+func (in *interner) str(s string) string {
+	if q := in.strp(&s); q != nil {
+		return *q
+	}
+	return s
+}
+
+// boolp returns the shared pointer for *p (nil stays nil). Nothing writes
+// through cached objects' pointers, so sharing them is safe.
+func (in *interner) boolp(p *bool) *bool {
+	switch {
+	case p == nil:
+		return nil
+	case *p:
+		return in.True
+	default:
+		return in.False
+	}
 }
 
 // keepOnly drops every annotation but the named ones.

@@ -76,12 +76,8 @@ func RenderSharded(snap *model.Snapshot, cfg *proxy.Config, prev *Ruleset, shard
 	}
 	shards = max(shards, 1)
 	rs := &Ruleset{}
-	// The next render compares against this copy. Snapshots are meant to
-	// be immutable, but a caller that edits the map in place must not make
-	// a removal invisible (one map copy costs about a millisecond at 10k).
-	src := maps.Clone(snap.Services)
 	for _, f := range fams {
-		rs.Tables = append(rs.Tables, renderFamily(f, snap, src, cfg, prev, shards)...)
+		rs.Tables = append(rs.Tables, renderFamily(f, snap, cfg, prev, shards)...)
 	}
 	return rs
 }
@@ -132,12 +128,12 @@ func tableKey(f model.Family, snap *model.Snapshot, cfg *proxy.Config, shards in
 	return fmt.Sprintf("%d|%s|%v|%v|%v|%v|%d", f, n.Name, n.Zone, n.Addresses, n.PodCIDRs, cfg.LocalPrefixes(f, n), shards)
 }
 
-func renderFamily(f model.Family, snap *model.Snapshot, src map[model.ServicePortName]*model.ServicePort, cfg *proxy.Config, prev *Ruleset, shards int) []*Table {
+func renderFamily(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev *Ruleset, shards int) []*Table {
 	key := tableKey(f, snap, cfg, shards)
 	chains, sets := staticObjects(f, snap.Node, cfg)
 	r := &renderer{f: f, node: snap.Node, cfg: cfg, local: cfg.LocalPrefixes(f, snap.Node)}
 	newTable := func(name string, part int) *Table {
-		t := &Table{Family: f, Name: name, key: key, in: r, shards: shards, part: part, src: src}
+		t := &Table{Family: f, Name: name, key: key, in: r, shards: shards, part: part}
 		for _, c := range chains {
 			if shards == 1 || shardStatic[c.Name] != (part == 0) {
 				t.Chains = append(t.Chains, c)
@@ -164,19 +160,22 @@ func renderFamily(f model.Family, snap *model.Snapshot, src map[model.ServicePor
 		if prevs == nil {
 			break
 		}
-		if p := prev.Lookup(f, t.Name); p != nil && p.key == key && p.src != nil {
+		if p := prev.Lookup(f, t.Name); p != nil && p.key == key && p.in != nil {
 			prevs[i] = p
 		} else {
 			prevs = nil
 			break
 		}
 	}
+	tableOf := func(name model.ServicePortName) int {
+		if shards > 1 {
+			return 1 + ShardOf(name, shards)
+		}
+		return 0
+	}
 	// place renders sp (nil: removed) into its tables.
 	place := func(name model.ServicePortName, sp *model.ServicePort) {
-		si := 0
-		if shards > 1 {
-			si = 1 + ShardOf(name, shards)
-		}
+		si := tableOf(name)
 		delete(tables[0].Services, name)
 		delete(tables[si].Services, name)
 		if sp == nil {
@@ -211,20 +210,24 @@ func renderFamily(f model.Family, snap *model.Snapshot, src map[model.ServicePor
 		return tables
 	}
 	// Incremental: start from the previous maps (unchanged service ports
-	// keep their objects, same pointers) and render only what changed,
-	// which costs one pointer comparison per unchanged service port.
+	// keep their objects, same pointers) and render only what changed:
+	// an unchanged service port costs two map lookups and a hash.
 	for i, t := range tables {
 		t.Services = maps.Clone(prevs[i].Services)
 	}
-	old := prevs[0].src
 	for name, sp := range snap.Services {
-		if old[name] != sp {
+		m, sh := prevs[0].Services[name], prevs[tableOf(name)].Services[name]
+		// Nothing rendered before (say, no cluster IP of this family) is
+		// rendered again: cheap, since it renders nothing again.
+		if (m == nil && sh == nil) || (m != nil && m.Source != sp) || (sh != nil && sh.Source != sp) {
 			place(name, sp)
 		}
 	}
-	for name := range old {
-		if _, ok := snap.Services[name]; !ok {
-			place(name, nil)
+	for _, p := range prevs {
+		for name := range p.Services {
+			if _, ok := snap.Services[name]; !ok {
+				place(name, nil)
+			}
 		}
 	}
 	return tables

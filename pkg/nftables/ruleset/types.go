@@ -76,10 +76,6 @@ type Table struct {
 	in     *renderer
 	shards int
 	part   int
-	// src is the snapshot's service map the table was rendered from
-	// (a copy shared by the family's tables), so the next render finds the changed
-	// names with one pointer comparison each.
-	src map[model.ServicePortName]*model.ServicePort
 	// fresh are the names rendered (not reused) for this table.
 	fresh []model.ServicePortName
 }
