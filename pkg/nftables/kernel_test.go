@@ -218,6 +218,15 @@ func TestKernelSharded(t *testing.T) {
 		}
 	}
 	check("4 shards")
+	// The cold start went out as one batch per table; the generation check
+	// must still know that only we committed, so a periodic full sync reads
+	// nothing and sends nothing.
+	if !b.clean {
+		t.Error("after a cold start of one batch per table the backend does not consider the kernel clean")
+	}
+	if res := mustSync(t, b, trafficSnap(), true); res.Rules != 0 {
+		t.Errorf("full sync right after the cold start sent %d messages, want 0", res.Rules)
+	}
 
 	// Drift: someone deletes the shard that holds ns1/two.
 	var victim string

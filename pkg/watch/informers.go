@@ -5,6 +5,7 @@ package watch
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -137,28 +138,18 @@ func (in *interner) stripForCache(obj any) (any, error) {
 	return obj, nil
 }
 
-// keepLabels drops every label but the named ones.
+// keepLabels drops every label but the named ones, in place: the object is
+// not cached yet, and a new map would cost as much as the old one.
 func keepLabels(meta metav1.Object, keys ...string) {
 	l := meta.GetLabels()
-	n := 0
-	for _, k := range keys {
-		if _, ok := l[k]; ok {
-			n++
+	for k := range l {
+		if !slices.Contains(keys, k) {
+			delete(l, k)
 		}
 	}
-	if n == len(l) {
-		return
+	if len(l) == 0 && l != nil {
+		meta.SetLabels(nil)
 	}
-	var kept map[string]string
-	for _, k := range keys {
-		if v, ok := l[k]; ok {
-			if kept == nil {
-				kept = make(map[string]string, n)
-			}
-			kept[k] = v
-		}
-	}
-	meta.SetLabels(kept)
 }
 
 // interner shares one copy of values that repeat across cached objects. It
