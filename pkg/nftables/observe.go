@@ -301,8 +301,10 @@ func verdictChain(b []byte) string {
 // reconcilePlan compares the desired table with what the kernel holds and
 // returns the repairs, which include the changes since the last commit.
 func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
+	// Every object is compared below: render the compacted ones once.
+	all := desired.Expanded()
 	if !obs.exists {
-		return replacePlan(desired)
+		return replacePlan(all)
 	}
 	p := newPlan(desired.Family, desired.Name, desired.Sets)
 	// What we committed is what the kernel should hold apart from drift;
@@ -317,7 +319,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 	for name, so := range desired.Services {
 		po := committed.Services[name]
 		if po == so {
-			for _, c := range desired.Objects(name).Chains {
+			for _, c := range all.Services[name].Chains {
 				same[c.Name] = true
 			}
 			continue
@@ -335,7 +337,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 		}
 	}
 	want := map[string]bool{}
-	for _, c := range desired.AllChains() {
+	for _, c := range all.AllChains() {
 		want[c.Name] = true
 		have, ok := obs.chains[c.Name]
 		if !ok {
@@ -359,7 +361,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 		}
 	}
 	wantSet := map[string]bool{}
-	for _, s := range desired.AllSets() {
+	for _, s := range all.AllSets() {
 		wantSet[s.Name] = true
 		if !obs.sets[s.Name] {
 			p.addSets = append(p.addSets, s)
@@ -370,7 +372,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 			p.delSets = append(p.delSets, name)
 		}
 	}
-	elems := desired.Elements()
+	elems := all.Elements()
 	for _, s := range desired.Sets {
 		if !s.Verdict {
 			continue
@@ -403,7 +405,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 		}
 	}
 	if p.replace {
-		return replacePlan(desired)
+		return replacePlan(all)
 	}
 	p.sortForDeterminism()
 	return p

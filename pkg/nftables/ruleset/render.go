@@ -152,21 +152,18 @@ func renderFamily(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev 
 	}
 	// Reuse needs the previous render of every table of the family from
 	// the same inputs; otherwise everything is rendered.
-	var prevs []*Table
-	if prev != nil {
-		prevs = make([]*Table, len(tables))
-	}
-	for i, t := range tables {
-		if prevs == nil {
-			break
+	prevs := func() []*Table {
+		if prev == nil {
+			return nil
 		}
-		if p := prev.Lookup(f, t.Name); p != nil && p.key == key && p.in != nil {
-			prevs[i] = p
-		} else {
-			prevs = nil
-			break
+		out := make([]*Table, len(tables))
+		for i, t := range tables {
+			if out[i] = prev.Lookup(f, t.Name); out[i] == nil || out[i].key != key {
+				return nil
+			}
 		}
-	}
+		return out
+	}()
 	tableOf := func(name model.ServicePortName) int {
 		if shards > 1 {
 			return 1 + ShardOf(name, shards)

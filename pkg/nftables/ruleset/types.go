@@ -112,6 +112,19 @@ func (t *Table) Compact() {
 	t.fresh = nil
 }
 
+// Expanded returns a copy of t in which every service port's objects are
+// present (rendered again where t was compacted), for callers that walk the
+// whole table; t is unchanged and the copy shares t's uncompacted objects.
+func (t *Table) Expanded() *Table {
+	cp := *t
+	cp.fresh = nil
+	cp.Services = make(map[model.ServicePortName]*ServiceObjects, len(t.Services))
+	for n, so := range t.Services {
+		cp.Services[n] = t.full(so)
+	}
+	return &cp
+}
+
 // Objects returns the objects of name in t (nil if it has none), rendered
 // again if t was compacted.
 func (t *Table) Objects(name model.ServicePortName) *ServiceObjects {
