@@ -44,6 +44,9 @@ func addrPayload(f model.Family, src bool, reg uint32) *expr.Payload {
 	return &expr.Payload{DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: l}
 }
 
+// ipsDstNAT is conntrack's IPS_DST_NAT status bit (`ct status dnat`).
+const ipsDstNAT = 1 << 5
+
 func native32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
 
 // keyExprs loads the packet fields of key kind k starting at the concat
@@ -67,6 +70,12 @@ func keyExprs(f model.Family, k rs.KeyKind) ([]expr.Any, uint32) {
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg32_0},
 			&expr.Payload{DestRegister: reg32_0 + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 		}, reg32_0
+	case rs.KeySaddrDaddr:
+		next := uint32(reg32_0 + 1)
+		if f == model.IPv6 {
+			next = reg32_0 + 4
+		}
+		return []expr.Any{addrPayload(f, true, reg32_0), addrPayload(f, false, next)}, reg32_0
 	}
 	return nil, 0
 }
@@ -128,6 +137,16 @@ func ruleExprs(f model.Family, r rs.Rule) ([]expr.Any, error) {
 				&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: native32(0)})
 		case rs.MatchSaddrInSet:
 			out = append(out, addrPayload(f, true, reg1), &expr.Lookup{SourceRegister: reg1, SetName: e.Set})
+		case rs.MatchPairInSet:
+			load, first := keyExprs(f, rs.KeySaddrDaddr)
+			out = append(out, load...)
+			out = append(out, &expr.Lookup{SourceRegister: first, SetName: e.Set})
+		case rs.MatchCtDNAT:
+			out = append(out,
+				&expr.Ct{Register: reg1, Key: expr.CtKeySTATUS},
+				&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
+					Mask: native32(ipsDstNAT), Xor: native32(0)},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: native32(0)})
 		case rs.VMap:
 			load, first := keyExprs(f, e.Key)
 			out = append(out, load...)
@@ -199,6 +218,9 @@ func setSpec(t *gnft.Table, f model.Family, s *rs.Set) *gnft.Set {
 	case rs.KeyProtoPort:
 		g.KeyType = gnft.MustConcatSetType(gnft.TypeInetProto, gnft.TypeInetService)
 		g.Concatenation = true
+	case rs.KeySaddrDaddr:
+		g.KeyType = gnft.MustConcatSetType(addrT, addrT)
+		g.Concatenation = true
 	}
 	if s.Verdict {
 		g.IsMap = true
@@ -222,6 +244,8 @@ func elementKey(k rs.KeyKind, e rs.Element) []byte {
 		return append(append(e.Addr.AsSlice(), proto...), port...)
 	case rs.KeyProtoPort:
 		return append(proto, port...)
+	case rs.KeySaddrDaddr:
+		return append(e.Addr.AsSlice(), e.Addr.AsSlice()...)
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"regexp"
 	"sort"
 	"strings"
 	"syscall"
@@ -318,8 +319,17 @@ func TestKernelIncremental(t *testing.T) {
 			bb[name] = ""
 		}
 	}
+	// The hairpin set follows the endpoints of every Service: .1 left
+	// with ns1/two's old endpoints, .4 came with its new ones.
+	hp := "set " + ruleset.SetHairpin + " {"
+	if got, want := pairAddrs(bb[hp]), "10.180.0.1 10.180.0.2 10.180.0.3"; got != want {
+		t.Errorf("hairpin set before the update holds %q, want %q", got, want)
+	}
+	if got, want := pairAddrs(ab[hp]), "10.180.0.2 10.180.0.3 10.180.0.4"; got != want {
+		t.Errorf("hairpin set after the update holds %q, want %q", got, want)
+	}
 	for name, text := range bb {
-		if text == ab[name] || strings.Contains(name, "ns1/two/") {
+		if text == ab[name] || strings.Contains(name, "ns1/two/") || name == hp {
 			continue
 		}
 		// A shared map may change only in ns1/two's elements.
@@ -358,6 +368,19 @@ func blocks(out string) map[string]string {
 		}
 	}
 	return m
+}
+
+// pairAddrs returns the addresses of the "a . a" elements in an nft
+// listing of the hairpin set, sorted and joined by spaces.
+func pairAddrs(block string) string {
+	var out []string
+	for _, m := range regexp.MustCompile(`([0-9a-f.:]+) \. ([0-9a-f.:]+)`).FindAllStringSubmatch(block, -1) {
+		if m[1] == m[2] {
+			out = append(out, m[1])
+		}
+	}
+	sort.Strings(out)
+	return strings.Join(out, " ")
 }
 
 // diffLines returns lines present in only one of a and b.

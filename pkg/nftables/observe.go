@@ -78,7 +78,7 @@ func (b *Backend) observe(f model.Family, desired *rs.Table) (*observed, error) 
 	}
 	for _, s := range sets {
 		obs.sets[s.Name] = true
-		if !s.IsMap {
+		if s.HasTimeout || s.Dynamic {
 			continue // affinity sets hold dynamic state, not ours to compare
 		}
 		els, err := c.GetSetElements(s)
@@ -374,7 +374,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 	}
 	elems := all.Elements()
 	for _, s := range desired.Sets {
-		if !s.Verdict {
+		if s.Timeout > 0 {
 			continue
 		}
 		have := obs.elems[s.Name]
@@ -383,7 +383,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 			k := string(elementKey(s.Key, e))
 			seen[k] = true
 			v, ok := have[k]
-			if ok && v == verdictString(verdictKind(e.Verdict.Kind), e.Verdict.Chain) {
+			if ok && (!s.Verdict || v == verdictString(verdictKind(e.Verdict.Kind), e.Verdict.Chain)) {
 				continue
 			}
 			if ok {
@@ -447,6 +447,12 @@ func decodeKey(k rs.KeyKind, f model.Family, b []byte) (rs.Element, error) {
 	}
 	var e rs.Element
 	switch k {
+	case rs.KeySaddrDaddr:
+		if len(b) != 2*alen || string(b[:alen]) != string(b[alen:]) {
+			return e, errBadKey
+		}
+		e.Addr = addrFrom(b[:alen])
+		return e, nil
 	case rs.KeyDaddrProtoPort:
 		if len(b) != alen+8 {
 			return e, errBadKey

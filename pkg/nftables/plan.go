@@ -150,6 +150,10 @@ func incrementalPlan(prev, next *rs.Table) *plan {
 			p.diffObjects(po.Chains, nil, po.Sets, nil, po.Elements, nil)
 		}
 	}
+	if add, del := next.HairpinChanges(prev); len(add)+len(del) > 0 {
+		p.addElems[rs.SetHairpin] = append(p.addElems[rs.SetHairpin], add...)
+		p.delElems[rs.SetHairpin] = append(p.delElems[rs.SetHairpin], del...)
+	}
 	p.sortForDeterminism()
 	return p
 }

@@ -170,8 +170,10 @@ func renderFamily(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev 
 		}
 		return 0
 	}
-	// place renders sp (nil: removed) into its tables.
-	place := func(name model.ServicePortName, sp *model.ServicePort) {
+	// place renders sp (nil: removed) into its tables, in place of old (nil:
+	// nothing before).
+	place := func(name model.ServicePortName, old, sp *model.ServicePort) {
+		tables[0].moveHairpin(f, old, sp)
 		si := tableOf(name)
 		delete(tables[0].Services, name)
 		delete(tables[si].Services, name)
@@ -198,14 +200,16 @@ func renderFamily(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev 
 		}
 	}
 	if prevs == nil {
+		tables[0].inheritHairpin(nil)
 		for _, t := range tables {
 			t.Services = make(map[model.ServicePortName]*ServiceObjects, len(snap.Services)/len(tables)+1)
 		}
 		for name, sp := range snap.Services {
-			place(name, sp)
+			place(name, nil, sp)
 		}
 		return tables
 	}
+	tables[0].inheritHairpin(prevs[0])
 	// Incremental: start from the previous maps (unchanged service ports
 	// keep their objects, same pointers) and render only what changed:
 	// an unchanged service port costs two map lookups and a hash.
@@ -214,18 +218,31 @@ func renderFamily(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev 
 	}
 	for name, sp := range snap.Services {
 		m, sh := prevs[0].Services[name], prevs[tableOf(name)].Services[name]
+		var old *model.ServicePort
+		switch {
+		case m != nil:
+			old = m.Source
+		case sh != nil:
+			old = sh.Source
+		}
 		// Nothing rendered before (say, no cluster IP of this family) is
 		// rendered again: cheap, since it renders nothing again.
-		if (m == nil && sh == nil) || (m != nil && m.Source != sp) || (sh != nil && sh.Source != sp) {
-			place(name, sp)
+		if old != sp {
+			place(name, old, sp)
 		}
 	}
+	// A removed service port may have objects in the main table and in
+	// its shard: it is placed (away) once.
+	removed := map[model.ServicePortName]*model.ServicePort{}
 	for _, p := range prevs {
-		for name := range p.Services {
+		for name, so := range p.Services {
 			if _, ok := snap.Services[name]; !ok {
-				place(name, nil)
+				removed[name] = so.Source
 			}
 		}
+	}
+	for name, old := range removed {
+		place(name, old, nil)
 	}
 	return tables
 }
@@ -309,7 +326,9 @@ func staticObjects(f model.Family, node model.Node, cfg *proxy.Config) ([]*Chain
 	chains := []*Chain{
 		base(ChainNatPrerouting, TypeNAT, HookPrerouting, prioDstNAT, rule(jump(ChainServices))),
 		base(ChainNatOutput, TypeNAT, HookOutput, prioDstNAT, rule(jump(ChainServices))),
-		base(ChainNatPostrouting, TypeNAT, HookPostrouting, prioSrcNAT, rule(jump(ChainMasquerading))),
+		base(ChainNatPostrouting, TypeNAT, HookPostrouting, prioSrcNAT,
+			rule(MatchCtDNAT{}, MatchPairInSet{Set: SetHairpin}, SetMark{Bits: mark}),
+			rule(jump(ChainMasquerading))),
 		base(ChainFilterPrerouting, TypeFilter, HookPrerouting, prioBeforeDstNAT, ctNewJump(ChainFirewallCheck)),
 		base(ChainFilterInput, TypeFilter, HookInput, prioBeforeDstNAT, ctNewJump(ChainEndpointsCheck)),
 		base(ChainFilterForward, TypeFilter, HookForward, prioBeforeDstNAT, ctNewJump(ChainEndpointsCheck)),
@@ -341,6 +360,7 @@ func staticObjects(f model.Family, node model.Node, cfg *proxy.Config) ([]*Chain
 		{Name: MapNoEndpointIPs, Key: KeyDaddrProtoPort, Verdict: true},
 		{Name: MapNoEndpointNodePorts, Key: KeyProtoPort, Verdict: true},
 		{Name: MapFirewallIPs, Key: KeyDaddrProtoPort, Verdict: true},
+		{Name: SetHairpin, Key: KeySaddrDaddr},
 	}
 	return chains, sets
 }
@@ -439,31 +459,20 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 	}
 	mark := r.cfg.MarkMasq()
 
-	// pick returns the rules that send the packet to ep when choice
-	// matches: the DNAT is inline, with no per-endpoint chain, so the
+	// pick returns the rule that sends the packet to ep when choice
+	// matches. The DNAT is inline, with no per-endpoint chain, so the
 	// kernel's table validation (run on every commit that adds a rule
 	// with a NAT, mark or jump expression) walks one chain per Service
-	// instead of one per endpoint, and a cold start sends a third fewer
-	// messages. Hairpin (a pod reaching itself through the VIP must be
-	// masqueraded, or its reply would bypass conntrack's reverse NAT)
-	// needs the mark only when saddr is this endpoint, so the rule is
-	// split on saddr == ep / != ep before choice: exactly one of the two
-	// evaluates choice, which keeps numgen's probabilities exact.
-	pick := func(choice []Expr, ep model.Endpoint) []Rule {
-		out := make([]Rule, 0, 2)
-		for _, hairpin := range []bool{true, false} {
-			r := make(Rule, 0, 6+len(choice))
-			r = append(r, MatchAddr{Src: true, Prefix: hostPrefix(ep.IP), Neg: !hairpin}, MatchL4Proto{Proto: sp.Protocol})
-			r = append(r, choice...)
-			if hairpin {
-				r = append(r, SetMark{Bits: mark})
-			}
-			if s, ok := affSet[ep.AddrPort()]; ok {
-				r = append(r, UpdateSaddr{Set: s})
-			}
-			out = append(out, append(r, DNAT{To: ep.AddrPort()}))
+	// instead of one per endpoint. Hairpin is not decided here but once,
+	// in nat-postrouting (SetHairpin), so an endpoint costs one rule.
+	pick := func(choice []Expr, ep model.Endpoint) Rule {
+		r := make(Rule, 0, 4+len(choice))
+		r = append(r, MatchL4Proto{Proto: sp.Protocol})
+		r = append(r, choice...)
+		if s, ok := affSet[ep.AddrPort()]; ok {
+			r = append(r, UpdateSaddr{Set: s})
 		}
-		return out
+		return append(r, DNAT{To: ep.AddrPort()})
 	}
 
 	// cascade picks one of eps: affinity first (a client seen recently
@@ -472,10 +481,10 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 	// endpoint instead of an inline anonymous vmap per Service keep the
 	// kernel's load time linear and small (DESIGN.md facts).
 	cascade := func(eps []model.Endpoint) []Rule {
-		out := make([]Rule, 0, 2*len(eps)*(1+int(min(sp.AffinitySeconds, 1))))
+		out := make([]Rule, 0, len(eps)*(1+int(min(sp.AffinitySeconds, 1))))
 		if sp.AffinitySeconds > 0 {
 			for _, ep := range eps {
-				out = append(out, pick([]Expr{MatchSaddrInSet{Set: affSet[ep.AddrPort()]}}, ep)...)
+				out = append(out, pick([]Expr{MatchSaddrInSet{Set: affSet[ep.AddrPort()]}}, ep))
 			}
 		}
 		for i, ep := range eps {
@@ -483,7 +492,7 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 			if n := len(eps) - i; n > 1 {
 				choice = []Expr{MatchNumgen{Mod: uint32(n)}}
 			}
-			out = append(out, pick(choice, ep)...)
+			out = append(out, pick(choice, ep))
 		}
 		return out
 	}

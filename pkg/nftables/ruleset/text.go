@@ -59,6 +59,11 @@ func (m MatchSaddrInSet) nft(f model.Family) string {
 	return fmt.Sprintf("%s saddr @%s", famWord(f), m.Set)
 }
 
+func (m MatchPairInSet) nft(f model.Family) string {
+	return fmt.Sprintf("%s @%s", keyExpr(f, KeySaddrDaddr), m.Set)
+}
+func (MatchCtDNAT) nft(model.Family) string { return "ct status dnat" }
+
 func keyExpr(f model.Family, k KeyKind) string {
 	switch k {
 	case KeyAddr:
@@ -67,6 +72,8 @@ func keyExpr(f model.Family, k KeyKind) string {
 		return famWord(f) + " daddr . meta l4proto . th dport"
 	case KeyProtoPort:
 		return "meta l4proto . th dport"
+	case KeySaddrDaddr:
+		return famWord(f) + " saddr . " + famWord(f) + " daddr"
 	}
 	return "?"
 }
@@ -79,6 +86,8 @@ func keyType(f model.Family, k KeyKind) string {
 		return addrType(f) + " . inet_proto . inet_service"
 	case KeyProtoPort:
 		return "inet_proto . inet_service"
+	case KeySaddrDaddr:
+		return addrType(f) + " . " + addrType(f)
 	}
 	return "?"
 }
@@ -165,9 +174,12 @@ func (t *Table) AllSets() []*Set {
 	return out
 }
 
-// Elements returns every element of every map, grouped by map name.
+// Elements returns every element of every set and map, grouped by name.
 func (t *Table) Elements() map[string][]Element {
 	out := map[string][]Element{}
+	if es := t.hairpinElements(); es != nil {
+		out[SetHairpin] = es
+	}
 	for _, so := range t.Services {
 		for _, me := range t.full(so).Elements {
 			out[me.Map] = append(out[me.Map], me.Element)

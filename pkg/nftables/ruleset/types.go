@@ -78,6 +78,15 @@ type Table struct {
 	part   int
 	// fresh are the names rendered (not reused) for this table.
 	fresh []model.ServicePortName
+	// hairpin counts, in the table that holds SetHairpin, how many service
+	// ports may DNAT to each endpoint address; the set holds an element for
+	// every address counted. Several Services often share a pod, so the
+	// element belongs to none of them. See Table.HairpinChanges.
+	hairpin hairpinRefs
+	// touched are the addresses whose count this render changed, relative
+	// to the previous table; all means the counts were built from scratch.
+	touched [][16]byte
+	all     bool
 }
 
 // ServiceObjects are the chains, sets and map elements one service port owns.
@@ -109,7 +118,7 @@ func (t *Table) Compact() {
 			t.Services[n] = &ServiceObjects{Source: so.Source, compact: true}
 		}
 	}
-	t.fresh = nil
+	t.fresh, t.touched = nil, nil
 }
 
 // Expanded returns a copy of t in which every service port's objects are
@@ -117,7 +126,7 @@ func (t *Table) Compact() {
 // whole table; t is unchanged and the copy shares t's uncompacted objects.
 func (t *Table) Expanded() *Table {
 	cp := *t
-	cp.fresh = nil
+	cp.fresh, cp.touched = nil, nil
 	cp.Services = make(map[model.ServicePortName]*ServiceObjects, len(t.Services))
 	for n, so := range t.Services {
 		cp.Services[n] = t.full(so)
@@ -211,6 +220,9 @@ const (
 	KeyDaddrProtoPort
 	// KeyProtoPort is inet_proto . inet_service (NodePorts).
 	KeyProtoPort
+	// KeySaddrDaddr is saddr . daddr; its elements have the same address
+	// twice (the hairpin set), so an Element carries it once.
+	KeySaddrDaddr
 )
 
 // ---- matches ----
@@ -241,6 +253,14 @@ type MatchNumgen struct{ Mod uint32 }
 
 // MatchSaddrInSet matches when the source address is in the named set.
 type MatchSaddrInSet struct{ Set string }
+
+// MatchPairInSet matches when saddr . daddr is in the named set
+// (KeySaddrDaddr).
+type MatchPairInSet struct{ Set string }
+
+// MatchCtDNAT matches packets of connections that were DNATed
+// (`ct status dnat`).
+type MatchCtDNAT struct{}
 
 // ---- statements ----
 
@@ -325,6 +345,8 @@ func (e Element) KeyString(k KeyKind) string {
 		return fmt.Sprintf("%s . %s . %d", e.Addr, e.Proto.Lower(), e.Port)
 	case KeyProtoPort:
 		return fmt.Sprintf("%s . %d", e.Proto.Lower(), e.Port)
+	case KeySaddrDaddr:
+		return fmt.Sprintf("%s . %s", e.Addr, e.Addr)
 	}
 	return "?"
 }

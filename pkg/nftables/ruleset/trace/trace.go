@@ -290,6 +290,15 @@ func (tr *tracer) evalExprs(c *rs.Chain, ri, ei int, st tstate) []tstate {
 			tr.problems["lookup in missing set "+e.Set] = true
 		}
 		return cond(false)
+	case rs.MatchCtDNAT:
+		return cond(st.dnat)
+	case rs.MatchPairInSet:
+		if tr.sets[e.Set] == nil {
+			tr.problems["lookup in missing set "+e.Set] = true
+			return cond(false)
+		}
+		_, ok := tr.elems[e.Set][rs.Element{Addr: st.dst}.KeyString(rs.KeySaddrDaddr)]
+		return cond(ok && tr.pkt.Src == st.dst)
 	case rs.VMap:
 		s := tr.sets[e.Map]
 		if s == nil {
