@@ -45,7 +45,16 @@ func Ignored(svc *v1.Service, proxyName string) string {
 // returned as an error (the caller logs and skips the Service); problems with
 // a single field or endpoint are returned as warnings and the bad item is
 // dropped, so one malformed entry never hides the rest.
-func ServicePorts(svc *v1.Service, slices []*discovery.EndpointSlice) (ports []*model.ServicePort, warnings []string, err error) {
+func ServicePorts(svc *v1.Service, endpointSlices []*discovery.EndpointSlice) (ports []*model.ServicePort, warnings []string, err error) {
+	slices := make([]*Slice, len(endpointSlices))
+	for i, sl := range endpointSlices {
+		slices[i] = NewSlice(sl)
+	}
+	return servicePorts(svc, slices)
+}
+
+// servicePorts is ServicePorts over converted slices (what the tracker holds).
+func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort, warnings []string, err error) {
 	var clusterIPs []netip.Addr
 	ips := svc.Spec.ClusterIPs
 	if len(ips) == 0 {
@@ -167,7 +176,7 @@ func parseAddrs(field string, in []string) ([]netip.Addr, []string) {
 // endpointsFor merges the endpoints of every slice that carries the named
 // port. An endpoint listed twice (slices are rewritten non-atomically) is kept
 // once, preferring the copy that is ready, then serving.
-func endpointsFor(portName string, proto model.Protocol, slices []*discovery.EndpointSlice) ([]model.Endpoint, []string) {
+func endpointsFor(portName string, proto model.Protocol, slices []*Slice) ([]model.Endpoint, []string) {
 	var warnings []string
 	byAddr := map[netip.AddrPort]model.Endpoint{}
 	for _, sl := range slices {
@@ -177,16 +186,8 @@ func endpointsFor(portName string, proto model.Protocol, slices []*discovery.End
 		var port int32
 		found := false
 		for _, p := range sl.Ports {
-			name := ""
-			if p.Name != nil {
-				name = *p.Name
-			}
-			pp := model.TCP
-			if p.Protocol != nil {
-				pp = model.Protocol(*p.Protocol)
-			}
-			if name == portName && pp == proto && p.Port != nil {
-				port, found = *p.Port, true
+			if p.Name == portName && p.Protocol == proto && p.Port != 0 {
+				port, found = p.Port, true
 				break
 			}
 		}
@@ -197,38 +198,10 @@ func endpointsFor(portName string, proto model.Protocol, slices []*discovery.End
 			warnings = append(warnings, fmt.Sprintf("slice %s: invalid port %d", sl.Name, port))
 			continue
 		}
+		warnings = append(warnings, sl.Problems...)
 		for _, e := range sl.Endpoints {
-			ready := e.Conditions.Ready == nil || *e.Conditions.Ready
-			serving := ready
-			if e.Conditions.Serving != nil {
-				serving = *e.Conditions.Serving
-			}
-			terminating := e.Conditions.Terminating != nil && *e.Conditions.Terminating
-			var node, zone string
-			if e.NodeName != nil {
-				node = *e.NodeName
-			}
-			if e.Zone != nil {
-				zone = *e.Zone
-			}
-			var hints []string
-			if e.Hints != nil {
-				for _, z := range e.Hints.ForZones {
-					hints = append(hints, z.Name)
-				}
-			}
-			// Only the first address is used, as kube-proxy does: the API
-			// guarantees the rest are duplicates of the same endpoint.
-			if len(e.Addresses) == 0 {
-				continue
-			}
-			ip, err := netip.ParseAddr(e.Addresses[0])
-			if err != nil {
-				warnings = append(warnings, fmt.Sprintf("slice %s: endpoint address %q: %v", sl.Name, e.Addresses[0], err))
-				continue
-			}
-			ep := model.Endpoint{IP: ip.Unmap(), Port: port, Ready: ready, Serving: serving, Terminating: terminating,
-				NodeName: node, Zone: zone, ZoneHints: hints}
+			ep := model.Endpoint{IP: e.IP, Port: port, Ready: e.Ready, Serving: e.Serving, Terminating: e.Terminating,
+				NodeName: e.NodeName, Zone: e.Zone, ZoneHints: e.ZoneHints}
 			k := ep.AddrPort()
 			if old, ok := byAddr[k]; ok && rank(old) >= rank(ep) {
 				continue

@@ -3,6 +3,8 @@ package watch
 import (
 	"io"
 	"log/slog"
+	"sort"
+	"strings"
 	"testing"
 
 	v1 "k8s.io/api/core/v1"
@@ -124,12 +126,12 @@ func TestTrackerSharesUnchangedPorts(t *testing.T) {
 	b := svc("b", func(s *v1.Service) { s.Spec.ClusterIP, s.Spec.ClusterIPs = "172.30.0.2", []string{"172.30.0.2"} })
 	tr.SetService(ka, a)
 	tr.SetService(kb, b)
-	tr.SetSlice("ns", "a-1", slice("a-1", "a", 8080, ep("10.180.0.5", true, "n1")), "a")
+	tr.SetSlice("ns", "a-1", NewSlice(slice("a-1", "a", 8080, ep("10.180.0.5", true, "n1"))), "a")
 	s1, p1 := tr.Snapshot()
 	if len(s1.Services) != 2 || p1.ServiceChanges != 2 || p1.EndpointChanges != 1 {
 		t.Fatalf("snapshot 1: %d services, pending %+v", len(s1.Services), p1)
 	}
-	tr.SetSlice("ns", "b-1", slice("b-1", "b", 8080, ep("10.180.0.6", true, "n1")), "b")
+	tr.SetSlice("ns", "b-1", NewSlice(slice("b-1", "b", 8080, ep("10.180.0.6", true, "n1"))), "b")
 	s2, _ := tr.Snapshot()
 	if d := s2.Diff(s1); len(d) != 1 || d[0].Name != "b" {
 		t.Fatalf("only b should differ, got %v", d)
@@ -159,5 +161,55 @@ func TestStripForCacheDropsManagedFields(t *testing.T) {
 	got := out.(*v1.Service)
 	if len(got.ManagedFields) != 0 || got.Spec.ClusterIP != "172.30.0.1" {
 		t.Fatalf("managedFields must go, the spec must stay: %+v", got.ObjectMeta)
+	}
+}
+
+// TestTrackerSlicesOfOneService: a Service's endpoints are the union of its
+// slices through updates, an unchanged update, and deletes in any order.
+func TestTrackerSlicesOfOneService(t *testing.T) {
+	tr := NewTracker(slog.New(slog.NewTextHandler(io.Discard, nil)), "")
+	tr.SetService(types.NamespacedName{Namespace: "ns", Name: "a"}, svc("a", nil))
+	set := func(name string, ips ...string) {
+		var eps []discovery.Endpoint
+		for _, ip := range ips {
+			eps = append(eps, ep(ip, true, "n1"))
+		}
+		tr.SetSlice("ns", name, NewSlice(slice(name, "a", 8080, eps...)), "a")
+	}
+	endpoints := func() string {
+		s, _ := tr.Snapshot()
+		var out []string
+		for _, sp := range s.Services {
+			for _, e := range sp.Endpoints {
+				out = append(out, e.IP.String())
+			}
+		}
+		sort.Strings(out)
+		return strings.Join(out, " ")
+	}
+	set("a-1", "10.180.0.1")
+	set("a-2", "10.180.0.2", "10.180.0.3")
+	set("a-3", "10.180.0.4")
+	if got := endpoints(); got != "10.180.0.1 10.180.0.2 10.180.0.3 10.180.0.4" {
+		t.Fatalf("three slices: %q", got)
+	}
+	set("a-2", "10.180.0.5")
+	if _, p := tr.Snapshot(); p.EndpointChanges != 1 {
+		t.Errorf("one slice update counted as %d changes", p.EndpointChanges)
+	}
+	set("a-3", "10.180.0.4") // unchanged
+	if _, p := tr.Snapshot(); p.EndpointChanges != 0 {
+		t.Errorf("unchanged slice update counted as %d changes", p.EndpointChanges)
+	}
+	set("a-2", "10.180.0.6")
+	tr.SetSlice("ns", "a-1", nil, "a")
+	if got := endpoints(); got != "10.180.0.4 10.180.0.6" {
+		t.Fatalf("after update and delete: %q", got)
+	}
+	tr.SetSlice("ns", "a-1", nil, "a") // deleting twice is harmless
+	tr.SetSlice("ns", "a-3", nil, "a")
+	tr.SetSlice("ns", "a-2", nil, "a")
+	if got := endpoints(); got != "" {
+		t.Fatalf("all slices deleted: %q", got)
 	}
 }

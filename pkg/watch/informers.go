@@ -85,14 +85,18 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 // stripForCache drops what the proxy never reads before an object enters the
 // informer cache (and, through the tracker, stays in memory for the life of
 // the process): managedFields alone are often larger than the rest of a
-// Service or EndpointSlice; annotations such as kubectl's last-applied copy,
-// owner references and endpoint target references are never read. At 10k
-// Services the caches are the largest part of a steady-state heap. Only the
-// trigger-time annotation, which feeds network_programming_duration, and the
-// labels the proxy reads survive. Values that repeat across thousands of
-// endpoints (conditions, node names, zones, port names and protocols) are
-// shared through in.
+// Service; annotations such as kubectl's last-applied copy, owner references
+// and selectors are never read. EndpointSlices are converted to Slice, which
+// keeps only what the proxy reads, parsed, with repeated strings (node names,
+// zones, port names, protocols) shared through in. At 10k Services the caches
+// are the largest part of a steady-state heap.
 func (in *interner) stripForCache(obj any) (any, error) {
+	switch o := obj.(type) {
+	case *discovery.EndpointSlice:
+		return in.slice(o), nil
+	case *Slice:
+		return o, nil // transformed already (a relist may pass it again)
+	}
 	m, ok := obj.(metav1.ObjectMetaAccessor)
 	if !ok {
 		return obj, nil
@@ -103,31 +107,13 @@ func (in *interner) stripForCache(obj any) (any, error) {
 	meta.SetUID("")
 	meta.SetGenerateName("")
 	switch o := obj.(type) {
-	case *discovery.EndpointSlice:
-		keepOnly(meta, AnnotationTriggerTime)
-		keepLabels(meta, discovery.LabelServiceName)
-		o.AddressType = discovery.AddressType(in.str(string(o.AddressType)))
-		for i := range o.Endpoints {
-			e := &o.Endpoints[i]
-			e.TargetRef, e.Hostname, e.DeprecatedTopology = nil, nil, nil
-			e.Conditions.Ready = in.boolp(e.Conditions.Ready)
-			e.Conditions.Serving = in.boolp(e.Conditions.Serving)
-			e.Conditions.Terminating = in.boolp(e.Conditions.Terminating)
-			e.NodeName = in.strp(e.NodeName)
-			e.Zone = in.strp(e.Zone)
-		}
-		for i := range o.Ports {
-			pt := &o.Ports[i]
-			pt.Name = in.strp(pt.Name)
-			if pt.Protocol != nil {
-				p := v1.Protocol(in.str(string(*pt.Protocol)))
-				pt.Protocol = &p
-			}
-			pt.AppProtocol = nil
-		}
 	case *v1.Service:
 		keepOnly(meta)
 		keepLabels(meta, LabelServiceProxyName, LabelHeadless)
+		// The selector is the EndpointSlice controller's business; the
+		// proxy reads the slices it produced.
+		o.Spec.Selector = nil
+		o.Status.Conditions = nil
 	case *v1.Node:
 		// Only name, labels (zone) and addresses are read; images and
 		// conditions are a few KB per update.
@@ -156,22 +142,20 @@ func keepLabels(meta metav1.Object, keys ...string) {
 // is bounded: past maxInterned distinct strings new values are kept as they
 // are, so a cluster that churns through names cannot grow it for ever.
 type interner struct {
-	mu          sync.Mutex
-	strs        map[string]*string
-	True, False *bool
+	mu   sync.Mutex
+	strs map[string]*string
 }
 
 const maxInterned = 4096
 
 func newInterner() *interner {
-	t, f := true, false
-	return &interner{strs: map[string]*string{}, True: &t, False: &f}
+	return &interner{strs: map[string]*string{}}
 }
 
 // strp returns a shared pointer to a string equal to *p (nil stays nil).
 func (in *interner) strp(p *string) *string {
-	if p == nil {
-		return nil
+	if p == nil || in == nil {
+		return p
 	}
 	in.mu.Lock()
 	defer in.mu.Unlock()
@@ -189,19 +173,6 @@ func (in *interner) str(s string) string {
 		return *q
 	}
 	return s
-}
-
-// boolp returns the shared pointer for *p (nil stays nil). Nothing writes
-// through cached objects' pointers, so sharing them is safe.
-func (in *interner) boolp(p *bool) *bool {
-	switch {
-	case p == nil:
-		return nil
-	case *p:
-		return in.True
-	default:
-		return in.False
-	}
 }
 
 // keepOnly drops every annotation but the named ones.
@@ -242,16 +213,15 @@ func onSlice(t *Tracker, obj any, deleted bool) {
 	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj, deleted = d.Obj, true
 	}
-	sl, ok := obj.(*discovery.EndpointSlice)
+	sl, ok := obj.(*Slice)
 	if !ok {
 		return
 	}
-	svcName := sl.Labels[discovery.LabelServiceName]
 	if deleted {
-		t.SetSlice(sl.Namespace, sl.Name, nil, svcName)
+		t.SetSlice(sl.Namespace, sl.Name, nil, sl.Service)
 		return
 	}
-	t.SetSlice(sl.Namespace, sl.Name, sl, svcName)
+	t.SetSlice(sl.Namespace, sl.Name, sl, sl.Service)
 }
 
 func onNode(t *Tracker, obj any) {

@@ -2,35 +2,75 @@ package watch
 
 import (
 	"fmt"
+	"net/netip"
+	"reflect"
+	"strings"
 	"testing"
+	"time"
+	"unsafe"
 
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/ptr"
 )
 
 func TestStripForCacheKeepsWhatTheProxyReads(t *testing.T) {
+	yes, no := true, false
 	sl := &discovery.EndpointSlice{
 		ObjectMeta: metav1.ObjectMeta{
-			Name: "s-1", Namespace: "ns",
+			Name: "s-1", Namespace: "ns", ResourceVersion: "7",
 			Labels:          map[string]string{discovery.LabelServiceName: "s"},
 			Annotations:     map[string]string{AnnotationTriggerTime: "2026-01-01T00:00:00Z", "big": "x"},
 			ManagedFields:   []metav1.ManagedFieldsEntry{{Manager: "m"}},
 			OwnerReferences: []metav1.OwnerReference{{Name: "s"}},
 		},
-		Endpoints: []discovery.Endpoint{{Addresses: []string{"10.0.0.1"}, TargetRef: &v1.ObjectReference{Name: "pod"}}},
+		AddressType: discovery.AddressTypeIPv4,
+		Ports:       []discovery.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(8080))}},
+		Endpoints: []discovery.Endpoint{
+			{Addresses: []string{"10.0.0.1"}, TargetRef: &v1.ObjectReference{Name: "pod"}},
+			{Addresses: []string{"not-an-ip"}},
+			{Addresses: []string{"10.0.0.2"}, Conditions: discovery.EndpointConditions{Ready: &no, Serving: &yes, Terminating: &yes},
+				Hints: &discovery.EndpointHints{ForZones: []discovery.ForZone{{Name: "zone-a"}}}},
+		},
 	}
-	if _, err := newInterner().stripForCache(sl); err != nil {
+	obj, err := newInterner().stripForCache(sl)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if got := sl.Annotations; len(got) != 1 || got[AnnotationTriggerTime] == "" {
-		t.Errorf("annotations = %v, want only the trigger time", got)
+	got, ok := obj.(*Slice)
+	if !ok {
+		t.Fatalf("transform returned %T, want *Slice", obj)
 	}
-	if sl.ManagedFields != nil || sl.OwnerReferences != nil || sl.Endpoints[0].TargetRef != nil {
-		t.Errorf("managedFields/ownerReferences/targetRef kept: %+v", sl)
+	want := &Slice{
+		ObjectMeta:  metav1.ObjectMeta{Name: "s-1", Namespace: "ns", ResourceVersion: "7"},
+		Service:     "s",
+		AddressType: discovery.AddressTypeIPv4,
+		Ports:       []SlicePort{{Name: "http", Protocol: "TCP", Port: 8080}},
+		Endpoints: []SliceEndpoint{
+			{IP: netip.MustParseAddr("10.0.0.1"), Ready: true, Serving: true},
+			{IP: netip.MustParseAddr("10.0.0.2"), Serving: true, Terminating: true, ZoneHints: []string{"zone-a"}},
+		},
+		TriggerTime: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC),
 	}
-	if sl.Labels[discovery.LabelServiceName] != "s" || sl.Endpoints[0].Addresses[0] != "10.0.0.1" {
-		t.Errorf("stripped what the proxy reads: %+v", sl)
+	if len(got.Problems) != 1 || !strings.Contains(got.Problems[0], "not-an-ip") {
+		t.Errorf("problems = %q, want the unparsable address", got.Problems)
+	}
+	got.Problems = nil
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("converted slice:\n got %+v\nwant %+v", got, want)
+	}
+	// A relist may hand the transform its own output again.
+	if again, _ := newInterner().stripForCache(got); again != got {
+		t.Errorf("transforming a *Slice again gave %v", again)
+	}
+	// The informer keys and copies what it caches.
+	if k, err := cache.MetaNamespaceKeyFunc(got); err != nil || k != "ns/s-1" {
+		t.Errorf("cache key %q, %v", k, err)
+	}
+	if cp := got.DeepCopyObject().(*Slice); !reflect.DeepEqual(cp, got) || &cp.Endpoints[0] == &got.Endpoints[0] {
+		t.Errorf("DeepCopyObject: equal %v, shares endpoints %v", reflect.DeepEqual(cp, got), &cp.Endpoints[0] == &got.Endpoints[0])
 	}
 
 	svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{
@@ -50,34 +90,36 @@ func TestStripForCacheKeepsWhatTheProxyReads(t *testing.T) {
 
 func TestStripForCacheSharesRepeatedValues(t *testing.T) {
 	in := newInterner()
-	yes, node, zone, proto := true, "node-a", "zone-a", v1.ProtocolTCP
+	node, zone, proto, port := "node-a", "zone-a", v1.ProtocolUDP, "dns"
 	mk := func(name string) *discovery.EndpointSlice {
-		y, n, z, p := yes, node, zone, proto // distinct allocations, as decoding makes
+		n, z, p, pn := node, zone, proto, port // distinct allocations, as decoding makes
 		return &discovery.EndpointSlice{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns", UID: "u",
 				Labels: map[string]string{discovery.LabelServiceName: "s", "endpointslice.kubernetes.io/managed-by": "x"}},
 			AddressType: discovery.AddressTypeIPv4,
-			Endpoints: []discovery.Endpoint{{Addresses: []string{"10.0.0.1"}, Conditions: discovery.EndpointConditions{Ready: &y},
-				NodeName: &n, Zone: &z}},
-			Ports: []discovery.EndpointPort{{Protocol: &p}},
+			Endpoints:   []discovery.Endpoint{{Addresses: []string{"10.0.0.1"}, NodeName: &n, Zone: &z}},
+			Ports:       []discovery.EndpointPort{{Name: &pn, Protocol: &p}},
 		}
 	}
-	a, b := mk("a"), mk("b")
-	for _, sl := range []*discovery.EndpointSlice{a, b} {
-		if _, err := in.stripForCache(sl); err != nil {
+	var out []*Slice
+	for _, sl := range []*discovery.EndpointSlice{mk("a"), mk("b")} {
+		obj, err := in.stripForCache(sl)
+		if err != nil {
 			t.Fatal(err)
 		}
+		out = append(out, obj.(*Slice))
 	}
-	ea, eb := a.Endpoints[0], b.Endpoints[0]
-	if ea.Conditions.Ready != eb.Conditions.Ready || ea.NodeName != eb.NodeName || ea.Zone != eb.Zone {
-		t.Errorf("repeated endpoint values not shared: %p/%p %p/%p %p/%p",
-			ea.Conditions.Ready, eb.Conditions.Ready, ea.NodeName, eb.NodeName, ea.Zone, eb.Zone)
+	ea, eb := out[0].Endpoints[0], out[1].Endpoints[0]
+	same := func(a, b string) bool { return unsafe.StringData(a) == unsafe.StringData(b) }
+	if !same(ea.NodeName, eb.NodeName) || !same(ea.Zone, eb.Zone) || !same(out[0].Ports[0].Name, out[1].Ports[0].Name) ||
+		!same(string(out[0].Ports[0].Protocol), string(out[1].Ports[0].Protocol)) {
+		t.Errorf("repeated values not shared between the two slices")
 	}
-	if !*ea.Conditions.Ready || *eb.NodeName != node || *eb.Zone != zone || *b.Ports[0].Protocol != proto {
-		t.Errorf("values changed by sharing: %+v", eb)
+	if eb.NodeName != node || eb.Zone != zone || out[1].Ports[0].Protocol != "UDP" || out[1].Ports[0].Name != port {
+		t.Errorf("values changed by sharing: %+v %+v", eb, out[1].Ports[0])
 	}
-	if len(b.Labels) != 1 || b.Labels[discovery.LabelServiceName] != "s" || b.UID != "" {
-		t.Errorf("slice meta after strip: labels %v uid %q", b.Labels, b.UID)
+	if out[1].UID != "" || out[1].Labels != nil || out[1].Service != "s" {
+		t.Errorf("slice meta after conversion: uid %q labels %v service %q", out[1].UID, out[1].Labels, out[1].Service)
 	}
 	// The table stops growing at its bound; values past it are kept as they are.
 	for i := 0; i < maxInterned+10; i++ {

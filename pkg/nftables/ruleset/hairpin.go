@@ -20,10 +20,50 @@ import (
 // "Sync"). Elements cost almost nothing: they go many to a message.
 const SetHairpin = "hairpin-endpoints"
 
-// hairpinRefs counts the service ports that may DNAT to each address (the
-// key is netip.Addr.As16, so the map holds no pointers for the GC to scan).
-// Counts are never zero: an address leaves the map with its last user.
-type hairpinRefs map[[16]byte]int32
+// hairpinRefs counts the service ports that may DNAT to each address (keys
+// are netip.Addr.As16, so the maps hold no pointers for the GC to scan).
+//
+// Every render starts from the previous table's counts, which must stay
+// intact (the previous table is what the kernel holds if the commit fails),
+// and copying 50k counts on every sync would cost milliseconds. So a table
+// shares the previous base and copies only the overrides of the syncs since
+// the base was built; when those grow past an eighth of the base they are
+// folded into a new base, which keeps the cost per changed address constant.
+type hairpinRefs struct {
+	base  map[[16]byte]int32 // shared between tables: never written
+	delta map[[16]byte]int32 // this table's counts where they differ from base; 0: gone
+}
+
+func (h *hairpinRefs) get(a [16]byte) int32 {
+	if n, ok := h.delta[a]; ok {
+		return n
+	}
+	return h.base[a]
+}
+
+// each calls fn for every address with a count.
+func (h *hairpinRefs) each(fn func([16]byte)) {
+	for a, n := range h.base {
+		if _, over := h.delta[a]; !over && n > 0 {
+			fn(a)
+		}
+	}
+	for a, n := range h.delta {
+		if n > 0 {
+			fn(a)
+		}
+	}
+}
+
+// next returns the counts a new table starts from.
+func (h *hairpinRefs) next() *hairpinRefs {
+	if len(h.delta) <= len(h.base)/8+64 {
+		return &hairpinRefs{base: h.base, delta: maps.Clone(h.delta)}
+	}
+	base := make(map[[16]byte]int32, len(h.base)+len(h.delta))
+	h.each(func(a [16]byte) { base[a] = h.get(a) })
+	return &hairpinRefs{base: base, delta: map[[16]byte]int32{}}
+}
 
 // hairpinAddrs are the addresses sp contributes to the hairpin set of
 // family f: its endpoints of that family, when it has a cluster IP of that
@@ -52,16 +92,13 @@ func (t *Table) moveHairpin(f model.Family, old, next *model.ServicePort) {
 	if old == next {
 		return
 	}
+	h := t.hairpin
 	hairpinAddrs(f, old, func(a [16]byte) {
-		if n := t.hairpin[a] - 1; n > 0 {
-			t.hairpin[a] = n
-		} else {
-			delete(t.hairpin, a)
-		}
+		h.delta[a] = max(h.get(a)-1, 0)
 		t.touched = append(t.touched, a)
 	})
 	hairpinAddrs(f, next, func(a [16]byte) {
-		t.hairpin[a]++
+		h.delta[a] = h.get(a) + 1
 		t.touched = append(t.touched, a)
 	})
 }
@@ -69,10 +106,11 @@ func (t *Table) moveHairpin(f model.Family, old, next *model.ServicePort) {
 // inheritHairpin starts t's counts from prev's (nil: from scratch).
 func (t *Table) inheritHairpin(prev *Table) {
 	if prev == nil || prev.hairpin == nil {
-		t.hairpin, t.all = hairpinRefs{}, true
+		t.hairpin = &hairpinRefs{delta: map[[16]byte]int32{}}
+		t.all = true
 		return
 	}
-	t.hairpin = maps.Clone(prev.hairpin)
+	t.hairpin = prev.hairpin.next()
 }
 
 func addrOf16(f model.Family, a [16]byte) netip.Addr {
@@ -85,13 +123,11 @@ func addrOf16(f model.Family, a [16]byte) netip.Addr {
 
 // hairpinElements are the elements of SetHairpin in t (nil if t has none).
 func (t *Table) hairpinElements() []Element {
-	if len(t.hairpin) == 0 {
+	if t.hairpin == nil {
 		return nil
 	}
-	out := make([]Element, 0, len(t.hairpin))
-	for a := range t.hairpin {
-		out = append(out, Element{Addr: addrOf16(t.Family, a)})
-	}
+	var out []Element
+	t.hairpin.each(func(a [16]byte) { out = append(out, Element{Addr: addrOf16(t.Family, a)}) })
 	return out
 }
 
@@ -100,12 +136,15 @@ func (t *Table) hairpinElements() []Element {
 // next desired table is from its committed one). Only the addresses the
 // render touched are compared, unless it counted from scratch.
 func (t *Table) HairpinChanges(prev *Table) (add, del []Element) {
-	var old hairpinRefs
-	if prev != nil {
+	if t.hairpin == nil {
+		return nil, nil
+	}
+	old := &hairpinRefs{}
+	if prev != nil && prev.hairpin != nil {
 		old = prev.hairpin
 	}
 	check := func(a [16]byte) {
-		was, is := old[a] > 0, t.hairpin[a] > 0
+		was, is := old.get(a) > 0, t.hairpin.get(a) > 0
 		switch {
 		case is && !was:
 			add = append(add, Element{Addr: addrOf16(t.Family, a)})
@@ -114,14 +153,12 @@ func (t *Table) HairpinChanges(prev *Table) (add, del []Element) {
 		}
 	}
 	if t.all || prev == nil {
-		for a := range t.hairpin {
-			check(a)
-		}
-		for a := range old {
-			if t.hairpin[a] == 0 {
+		t.hairpin.each(check)
+		old.each(func(a [16]byte) {
+			if t.hairpin.get(a) == 0 {
 				check(a)
 			}
-		}
+		})
 		return add, del
 	}
 	seen := make(map[[16]byte]bool, len(t.touched))

@@ -62,16 +62,17 @@ func TestHairpinChangesFollowRandomUpdates(t *testing.T) {
 		kernel := map[string]bool{}
 		for step := range 300 {
 			// Change, add or remove one to three Services over a pool
-			// of 12 pod addresses, so sharing is common.
+			// of 150 pod addresses, so sharing is common and the counts'
+			// overrides outgrow their base now and then (hairpinRefs).
 			for range 1 + rng.IntN(3) {
-				i := rng.IntN(20)
+				i := rng.IntN(40)
 				sp := fixture.SP("ns", fmt.Sprintf("s%d", i), 80, fmt.Sprintf("172.30.0.%d", i+1))
 				if rng.IntN(5) == 0 {
 					delete(services, sp.Name)
 					continue
 				}
-				for range rng.IntN(4) {
-					sp.Endpoints = append(sp.Endpoints, fixture.EP(fmt.Sprintf("10.180.0.%d", 1+rng.IntN(12)), 8080, "node-a"))
+				for range rng.IntN(9) {
+					sp.Endpoints = append(sp.Endpoints, fixture.EP(fmt.Sprintf("10.180.0.%d", 1+rng.IntN(150)), 8080, "node-a"))
 				}
 				services[sp.Name] = sp
 			}

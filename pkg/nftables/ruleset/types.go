@@ -82,7 +82,7 @@ type Table struct {
 	// ports may DNAT to each endpoint address; the set holds an element for
 	// every address counted. Several Services often share a pod, so the
 	// element belongs to none of them. See Table.HairpinChanges.
-	hairpin hairpinRefs
+	hairpin *hairpinRefs
 	// touched are the addresses whose count this render changed, relative
 	// to the previous table; all means the counts were built from scratch.
 	touched [][16]byte
