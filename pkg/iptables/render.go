@@ -77,19 +77,6 @@ type ServiceRules struct {
 	Shared map[Table][]string
 }
 
-// committed is what the backend keeps of a ServiceRules once it is in the
-// kernel: the chain names (a later change must drop chains that disappear)
-// and the shared lines (they are deleted with -D by their exact text). The
-// chain bodies are never read again and are most of a rendered ruleset, so
-// they are not kept.
-func (sr ServiceRules) committed() ServiceRules {
-	chains := make([]Chain, len(sr.Chains))
-	for i, c := range sr.Chains {
-		chains[i] = Chain{Table: c.Table, Name: c.Name}
-	}
-	return ServiceRules{Chains: chains, Shared: sr.Shared}
-}
-
 // Base is the static structure: shared chains with their fixed rules, and the hooks.
 type Base struct {
 	Chains []Chain

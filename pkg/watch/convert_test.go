@@ -3,6 +3,7 @@ package watch
 import (
 	"io"
 	"log/slog"
+	"reflect"
 	"sort"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
@@ -211,5 +213,52 @@ func TestTrackerSlicesOfOneService(t *testing.T) {
 	tr.SetSlice("ns", "a-2", nil, "a")
 	if got := endpoints(); got != "" {
 		t.Fatalf("all slices deleted: %q", got)
+	}
+}
+
+// TestStripForCacheServiceConvertsTheSame: the Service the cache keeps
+// converts to exactly the model the decoded one does, for a Service that
+// sets every field the conversion reads.
+func TestStripForCacheServiceConvertsTheSame(t *testing.T) {
+	full := svc("lb", func(s *v1.Service) {
+		s.Labels = map[string]string{"app": "x", LabelServiceProxyName: ""}
+		s.Annotations = map[string]string{"a": "b"}
+		s.Spec.Type = v1.ServiceTypeLoadBalancer
+		s.Spec.Selector = map[string]string{"app": "x"}
+		s.Spec.ClusterIPs = []string{"172.30.0.1", "fd00:30::1"}
+		s.Spec.Ports = append(s.Spec.Ports, v1.ServicePort{Name: "dns", Port: 53, Protocol: v1.ProtocolUDP, NodePort: 30053,
+			TargetPort: intstr.FromString("dns"), AppProtocol: ptr.To("dns")})
+		s.Spec.Ports[0].NodePort = 30080
+		s.Spec.ExternalIPs = []string{"203.0.113.7"}
+		s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+		s.Spec.InternalTrafficPolicy = ptr.To(v1.ServiceInternalTrafficPolicyLocal)
+		s.Spec.HealthCheckNodePort = 32000
+		s.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/25"}
+		s.Spec.SessionAffinity = v1.ServiceAffinityClientIP
+		s.Spec.SessionAffinityConfig = &v1.SessionAffinityConfig{ClientIP: &v1.ClientIPConfig{TimeoutSeconds: ptr.To(int32(60))}}
+		s.Spec.TrafficDistribution = ptr.To(v1.ServiceTrafficDistributionPreferClose)
+		s.Status.LoadBalancer.Ingress = []v1.LoadBalancerIngress{
+			{IP: "198.51.100.4", Hostname: "lb.example"},
+			{IP: "198.51.100.5", IPMode: ptr.To(v1.LoadBalancerIPModeProxy)},
+		}
+		s.Status.Conditions = []metav1.Condition{{Type: "x"}}
+	})
+	orig := full.DeepCopy()
+	obj, err := newInterner().stripForCache(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := obj.(*v1.Service)
+	sl := []*discovery.EndpointSlice{slice("lb-1", "lb", 8080, ep("10.180.0.5", true, "n1"))}
+	want, _, err1 := ServicePorts(orig, sl)
+	got, _, err2 := ServicePorts(kept, sl)
+	if err1 != nil || err2 != nil || !reflect.DeepEqual(got, want) {
+		t.Errorf("converting the cached Service differs (errors %v, %v):\n got %+v\nwant %+v", err1, err2, got, want)
+	}
+	if Ignored(kept, "") != Ignored(orig, "") {
+		t.Errorf("Ignored differs: %q vs %q", Ignored(kept, ""), Ignored(orig, ""))
+	}
+	if kept.Spec.Selector != nil || kept.Status.Conditions != nil || kept.Annotations != nil || kept.Labels["app"] != "" {
+		t.Errorf("kept what the proxy never reads: %+v", kept)
 	}
 }

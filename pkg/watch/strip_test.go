@@ -77,9 +77,11 @@ func TestStripForCacheKeepsWhatTheProxyReads(t *testing.T) {
 		Labels:      map[string]string{LabelServiceProxyName: "other"},
 		Annotations: map[string]string{"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
 	}}
-	if _, err := newInterner().stripForCache(svc); err != nil {
+	obj, err = newInterner().stripForCache(svc)
+	if err != nil {
 		t.Fatal(err)
 	}
+	svc = obj.(*v1.Service)
 	if svc.Annotations != nil || svc.Labels[LabelServiceProxyName] != "other" {
 		t.Errorf("service meta after strip: labels %v annotations %v", svc.Labels, svc.Annotations)
 	}
