@@ -43,9 +43,12 @@ type familyState struct {
 	tools    tools
 	base     *Base
 	services map[model.ServicePortName]committedService
-	// chains holds every service-owned chain we committed, so stale ones can
-	// be deleted without listing the kernel's tables.
-	chains map[Table]map[string]bool
+	// leftover are the service-owned chains a previous run left, listed at
+	// this process's first sync and deleted by its first full sync. Later
+	// full syncs find stale chains from services (rendered again), because
+	// listing a large table costs seconds and keeping 60k chain names costs
+	// megabytes.
+	leftover map[Table]map[string]bool
 }
 
 type tools struct{ save, restore, iptables, sysctlLocalnet string }
@@ -59,6 +62,23 @@ type tools struct{ save, restore, iptables, sysctlLocalnet string }
 type committedService struct {
 	sp   *model.ServicePort
 	node *model.Node
+}
+
+// committedChains returns the service-owned chains the kernel should hold:
+// the leftovers of a previous run and every committed service port's.
+func (fs *familyState) committedChains() map[Table]map[string]bool {
+	out := map[Table]map[string]bool{NAT: {}, Filter: {}}
+	for t, names := range fs.leftover {
+		for n := range names {
+			out[t][n] = true
+		}
+	}
+	for name := range fs.services {
+		for _, c := range fs.rules(name).Chains {
+			out[c.Table][c.Name] = true
+		}
+	}
+	return out
 }
 
 // rules returns the rules name was committed with (none if it was not).
@@ -140,7 +160,7 @@ func New(log *slog.Logger, cfg proxy.Config, run Runner, opts ...Option) (*Backe
 		b.families = append(b.families, &familyState{
 			r: Renderer{Cfg: cfg, Family: f}, tools: t,
 			services: map[model.ServicePortName]committedService{},
-			chains:   map[Table]map[string]bool{NAT: {}, Filter: {}},
+			leftover: map[Table]map[string]bool{NAT: {}, Filter: {}},
 		})
 	}
 	if len(b.families) > 0 {
@@ -227,11 +247,11 @@ func (b *Backend) syncFull(ctx context.Context, fs *familyState, snap *model.Sna
 				return 0, 0, err
 			}
 			for _, c := range names {
-				fs.chains[table][c] = true
+				fs.leftover[table][c] = true
 			}
 		}
 	}
-	plan := renderFull(&fs.r, snap, base, fs.chains, coldChunk)
+	plan := renderFull(&fs.r, snap, base, fs.committedChains(), coldChunk)
 	for i, c := range plan.chunks {
 		if err := b.restore(ctx, fs, c.String()); err != nil {
 			return 0, 0, fmt.Errorf("chunk %d/%d: %w", i+1, len(plan.chunks), err)
@@ -255,17 +275,15 @@ func (b *Backend) syncFull(ctx context.Context, fs *familyState, snap *model.Sna
 	for name := range plan.services {
 		fs.services[name] = committedService{sp: snap.Services[name], node: &node}
 	}
-	fs.chains = plan.want
+	fs.leftover = map[Table]map[string]bool{NAT: {}, Filter: {}}
 	return len(plan.services), plan.lines(), nil
 }
 
 func (b *Backend) syncPartial(ctx context.Context, fs *familyState, snap *model.Snapshot, changed []model.ServicePortName) (int, int, error) {
 	t := newRestoreText()
 	next := map[model.ServicePortName]ServiceRules{}
-	olds := make(map[model.ServicePortName]ServiceRules, len(changed))
 	for _, name := range changed {
 		old := fs.rules(name)
-		olds[name] = old
 		var cur ServiceRules
 		if sp := snap.Services[name]; sp != nil {
 			cur = fs.r.RenderService(sp, snap.Node)
@@ -294,13 +312,7 @@ func (b *Backend) syncPartial(ctx context.Context, fs *familyState, snap *model.
 		return 0, 0, err
 	}
 	node := snap.Node
-	for name, sr := range next {
-		for _, c := range olds[name].Chains {
-			delete(fs.chains[c.Table], c.Name)
-		}
-		for _, c := range sr.Chains {
-			fs.chains[c.Table][c.Name] = true
-		}
+	for name := range next {
 		if sp := snap.Services[name]; sp == nil {
 			delete(fs.services, name)
 		} else {

@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"os"
 	"strings"
@@ -231,5 +232,50 @@ func TestKernelDriftCheckGeneration(t *testing.T) {
 	l.sync(t, mt.Snap(a2), true)
 	if restores != 0 {
 		t.Fatalf("full sync right after a repair: %d restores, want 0", restores)
+	}
+}
+
+// TestKernelFullSyncDropsStaleChains: the backend keeps no chain names, so a
+// full sync finds stale chains by rendering what it committed, and a new
+// process by listing what a previous one left. Both must delete the chains
+// of a Service that is gone, and only those.
+func TestKernelFullSyncDropsStaleChains(t *testing.T) {
+	l := newLab(t, "10.180.0.5", "10.180.0.6")
+	a := mt.SP("ns", "a", "", "172.30.0.3", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
+	b := mt.SP("ns", "b", "", "172.30.0.4", 80, mt.Ep("10.180.0.6", 8080, "node-a"))
+	c := mt.SP("ns", "c", "", "172.30.0.5", 80, mt.Ep("10.180.0.6", 8080, "node-a"))
+	l.sync(t, mt.Snap(a, b, c), true)
+	for _, svc := range []string{"ns/a:", "ns/b:", "ns/c:"} {
+		if strings.Count(l.node.MustRun(t, "iptables-save", "-t", "nat"), svc) == 0 {
+			t.Fatalf("%s not programmed", svc)
+		}
+	}
+
+	// Same process: a forced rewrite (someone else committed) of {a, c}.
+	l.node.MustRun(t, "iptables", "-t", "nat", "-N", "SOMEONE-ELSE")
+	l.sync(t, mt.Snap(a, c), true)
+	save := l.node.MustRun(t, "iptables-save", "-t", "nat")
+	if strings.Contains(save, "ns/b:") || !strings.Contains(save, "ns/a:") || !strings.Contains(save, "ns/c:") {
+		t.Fatalf("full sync of {a, c} in the same process:\n%s", save)
+	}
+	if !strings.Contains(save, ":SOMEONE-ELSE") {
+		t.Fatalf("full sync deleted a chain that is not ours")
+	}
+
+	// A new process (restart) with only {a}: c's chains are a previous
+	// run's leftovers.
+	b2, err := New(slog.New(slog.NewTextHandler(io.Discard, nil)), cfg(), ExecRunner("ip", "netns", "exec", l.node.Name), WithNetNSFd(l.node.FD(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b2.Sync(context.Background(), mt.Snap(a), true); err != nil {
+		t.Fatal(err)
+	}
+	save = l.node.MustRun(t, "iptables-save", "-t", "nat")
+	if strings.Contains(save, "ns/c:") || !strings.Contains(save, "ns/a:") {
+		t.Fatalf("first sync of a new process with {a}:\n%s", save)
+	}
+	if got := l.counts(t, "tcp", "172.30.0.3:80", 5); got["poda"] != 5 {
+		t.Fatalf("ns/a after the restart: %v", got)
 	}
 }

@@ -21,9 +21,10 @@ import (
 // addresses parsed, the conditions resolved to their defaults and the
 // repeated strings shared: under half of that.
 type Slice struct {
-	// ObjectMeta holds only the name, namespace and resource version: the
-	// informer's keys and delete handling read them.
-	metav1.ObjectMeta
+	// Name and Namespace are the EndpointSlice's; the informer reads them
+	// through GetObjectMeta (an embedded ObjectMeta would cost 264 bytes
+	// per slice, mostly empty).
+	Name, Namespace string
 	// Service is the kubernetes.io/service-name label: the owning Service.
 	Service     string
 	AddressType discovery.AddressType
@@ -54,13 +55,19 @@ type SliceEndpoint struct {
 	ZoneHints                   []string
 }
 
+// GetObjectMeta implements metav1.ObjectMetaAccessor, which the informer's
+// key functions use. It is called a few times per event, never on a hot
+// path, so building the ObjectMeta each time is cheaper than keeping one.
+func (s *Slice) GetObjectMeta() metav1.Object {
+	return &metav1.ObjectMeta{Name: s.Name, Namespace: s.Namespace}
+}
+
 // GetObjectKind implements runtime.Object; a Slice carries no type meta.
 func (s *Slice) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
 
 // DeepCopyObject implements runtime.Object.
 func (s *Slice) DeepCopyObject() runtime.Object {
 	c := *s
-	s.ObjectMeta.DeepCopyInto(&c.ObjectMeta)
 	c.Ports = append([]SlicePort(nil), s.Ports...)
 	c.Endpoints = append([]SliceEndpoint(nil), s.Endpoints...)
 	for i := range c.Endpoints {
@@ -77,7 +84,8 @@ func NewSlice(sl *discovery.EndpointSlice) *Slice { return (*interner)(nil).slic
 // through in, so nothing of the decoded object stays reachable.
 func (in *interner) slice(sl *discovery.EndpointSlice) *Slice {
 	s := &Slice{
-		ObjectMeta:  metav1.ObjectMeta{Name: sl.Name, Namespace: sl.Namespace, ResourceVersion: sl.ResourceVersion},
+		Name:        sl.Name,
+		Namespace:   sl.Namespace,
 		Service:     sl.Labels[discovery.LabelServiceName],
 		AddressType: discovery.AddressType(in.str(string(sl.AddressType))),
 	}

@@ -44,7 +44,8 @@ func TestStripForCacheKeepsWhatTheProxyReads(t *testing.T) {
 		t.Fatalf("transform returned %T, want *Slice", obj)
 	}
 	want := &Slice{
-		ObjectMeta:  metav1.ObjectMeta{Name: "s-1", Namespace: "ns", ResourceVersion: "7"},
+		Name:        "s-1",
+		Namespace:   "ns",
 		Service:     "s",
 		AddressType: discovery.AddressTypeIPv4,
 		Ports:       []SlicePort{{Name: "http", Protocol: "TCP", Port: 8080}},
@@ -120,8 +121,8 @@ func TestStripForCacheSharesRepeatedValues(t *testing.T) {
 	if eb.NodeName != node || eb.Zone != zone || out[1].Ports[0].Protocol != "UDP" || out[1].Ports[0].Name != port {
 		t.Errorf("values changed by sharing: %+v %+v", eb, out[1].Ports[0])
 	}
-	if out[1].UID != "" || out[1].Labels != nil || out[1].Service != "s" {
-		t.Errorf("slice meta after conversion: uid %q labels %v service %q", out[1].UID, out[1].Labels, out[1].Service)
+	if out[1].Name != "b" || out[1].Namespace != "ns" || out[1].Service != "s" {
+		t.Errorf("slice meta after conversion: %s/%s service %q", out[1].Namespace, out[1].Name, out[1].Service)
 	}
 	// The table stops growing at its bound; values past it are kept as they are.
 	for i := 0; i < maxInterned+10; i++ {
