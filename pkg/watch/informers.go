@@ -126,8 +126,7 @@ func (in *interner) stripForCache(obj any) (any, error) {
 // were about 1.1 KB each.
 func (in *interner) service(o *v1.Service) *v1.Service {
 	sp := &o.Spec
-	s := &v1.Service{ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace,
-		ResourceVersion: o.ResourceVersion, Labels: o.Labels}}
+	s := &v1.Service{ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, Labels: o.Labels}}
 	s.Spec = v1.ServiceSpec{
 		Type:                     v1.ServiceType(in.str(string(sp.Type))),
 		ClusterIP:                sp.ClusterIP,

@@ -77,7 +77,8 @@ func (s *Slice) DeepCopyObject() runtime.Object {
 	return &c
 }
 
-// NewSlice converts an EndpointSlice (in may be nil: nothing is shared).
+// NewSlice converts an EndpointSlice on its own, sharing nothing with other
+// slices (the informer's transform shares repeated strings).
 func NewSlice(sl *discovery.EndpointSlice) *Slice { return (*interner)(nil).slice(sl) }
 
 // slice converts sl into exactly sized arrays, sharing repeated strings
