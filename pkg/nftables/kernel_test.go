@@ -2,6 +2,7 @@ package nftables
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/netnsrun"
@@ -494,5 +498,78 @@ func TestKernelFailedBatchIsAtomic(t *testing.T) {
 	mustSync(t, b, next, true)
 	if h := hits(t, fd, "172.30.0.12:80", 10); h["10.180.0.4:8080"] != 10 {
 		t.Errorf("after full sync: %v", h)
+	}
+}
+
+// TestKernelShardedColdStartFailsPartway: a cold start sends one batch per
+// table, so one table's batch can fail after others committed. Here another
+// process owns a table with a shard's name (NFT_TABLE_F_OWNER: only its
+// socket may change it, and the kernel deletes it when that socket closes),
+// so that shard's batch is refused. The sync must report the error, commit
+// nothing to memory, and the next sync must replace every table and serve
+// every Service, including the ones of that shard.
+func TestKernelShardedColdStartFailsPartway(t *testing.T) {
+	const tableOwner = 0x2 // NFT_TABLE_F_OWNER (linux/netfilter/nf_tables.h)
+	ns, b, fd := setupTraffic(t, WithShards(4))
+	snap := trafficSnap()
+	two := model.ServicePortName{Namespace: "ns1", Name: "two", Protocol: model.TCP}
+	blocked := ruleset.ShardTableName(ruleset.ShardOf(two, 4))
+
+	// google/nftables does not send table flags, so the owner writes its
+	// one-message batch itself, and keeps the socket open.
+	owner, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: fd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_TABLE_NAME, Data: []byte(blocked + "\x00")},
+		{Type: unix.NFTA_TABLE_FLAGS, Data: binary.BigEndian.AppendUint32(nil, tableOwner)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	newTable := netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWTABLE),
+			Flags: netlink.Request | netlink.Acknowledge | netlink.Create},
+		Data: append([]byte{unix.NFPROTO_IPV4, unix.NFNETLINK_V0, 0, 0}, attrs...),
+	}
+	if _, err := owner.SendMessages([]netlink.Message{batchControl(unix.NFNL_MSG_BATCH_BEGIN), newTable,
+		batchControl(unix.NFNL_MSG_BATCH_END)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := owner.Receive(); err != nil {
+		t.Fatalf("creating the owned table: %v", err)
+	}
+	if got := ourTables(t, ns); !slices.Contains(got, blocked) {
+		t.Fatalf("owned table %s not created: %v", blocked, got)
+	}
+	if _, err := b.Sync(context.Background(), snap, false); err == nil {
+		t.Fatalf("cold start succeeded although %s is owned by another socket", blocked)
+	} else {
+		t.Logf("cold start with %s owned elsewhere: %v", blocked, err)
+	}
+	if b.committed != nil || b.clean {
+		t.Errorf("after a failed cold start: committed %v, clean %v; want nothing committed", b.committed != nil, b.clean)
+	}
+	t.Logf("tables after the failure: %v", ourTables(t, ns))
+
+	if err := owner.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res := mustSync(t, b, snap, false)
+	if !res.Full {
+		t.Errorf("the sync after a failed cold start is not a full one: %+v", res)
+	}
+	if got, want := ourTables(t, ns), []string{"miniproxy", "miniproxy-shard-00", "miniproxy-shard-01", "miniproxy-shard-02", "miniproxy-shard-03"}; !slices.Equal(got, want) {
+		t.Fatalf("tables %v, want %v", got, want)
+	}
+	if got := hits(t, fd, "172.30.0.12:80", 40); got["10.180.0.1:8080"] == 0 || got["10.180.0.2:8080"] == 0 || len(got) != 2 {
+		t.Errorf("ns1/two (in %s) answered by %v, want both endpoints only", blocked, got)
+	}
+	if got := hits(t, fd, "172.30.0.13:80", 5); got["10.180.0.3:8080"] != 5 {
+		t.Errorf("ns1/other answered by %v", got)
+	}
+	if res := mustSync(t, b, snap, true); res.Rules != 0 || !b.clean {
+		t.Errorf("full sync after the recovery sent %d messages (clean %v), want 0", res.Rules, b.clean)
 	}
 }
