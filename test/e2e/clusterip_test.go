@@ -171,13 +171,15 @@ func TestDeleteService(t *testing.T) {
 			t.Fatalf("VIP %s never worked: %v: %v", addr, got, err)
 		}
 		vip := f.svc.Spec.ClusterIP
+		// The VIP answering from one node's client says nothing about the
+		// other nodes, whose proxies may be one min-sync-period behind.
 		for _, n := range me.Nodes {
-			rules, err := n.Rules(ctx, me.Mode)
+			err := framework.WaitFor(ctx, 30*time.Second, 200*time.Millisecond, func() (bool, error) {
+				rules, err := n.Rules(ctx, me.Mode)
+				return err == nil && strings.Contains(rules, vip), err
+			})
 			if err != nil {
-				t.Fatal(err)
-			}
-			if !strings.Contains(rules, vip) {
-				t.Fatalf("rules on %s do not mention VIP %s before deletion; the check below would prove nothing", n.Name, vip)
+				t.Fatalf("rules on %s do not mention VIP %s before deletion; the check below would prove nothing: %v", n.Name, vip, err)
 			}
 		}
 		if err := me.Cluster.DeleteService(ctx, f.ns, f.svc.Name); err != nil {
