@@ -92,14 +92,20 @@ func (t *Table) moveHairpin(f model.Family, old, next *model.ServicePort) {
 	if old == next {
 		return
 	}
-	h := t.hairpin
+	// A render from scratch (t.all) compares every count anyway; keeping
+	// 50k touched addresses at a cold start would only cost memory.
+	h, note := t.hairpin, !t.all
 	hairpinAddrs(f, old, func(a [16]byte) {
 		h.delta[a] = max(h.get(a)-1, 0)
-		t.touched = append(t.touched, a)
+		if note {
+			t.touched = append(t.touched, a)
+		}
 	})
 	hairpinAddrs(f, next, func(a [16]byte) {
 		h.delta[a] = h.get(a) + 1
-		t.touched = append(t.touched, a)
+		if note {
+			t.touched = append(t.touched, a)
+		}
 	})
 }
 
