@@ -227,6 +227,13 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 			t.Fatalf("rules on %s never mention %s: %v\n%s", without.Name, none.svc.Spec.ClusterIP, err, rules)
 		}
 		row.Note("client on a node without endpoint is dropped")
+		// As for eTP above: the rules mention the VIP as soon as this node's
+		// proxy has the Service, and until it has the EndpointSlice too the
+		// Service has no endpoints at all and is rightly rejected (seen in
+		// CI). Wait, bounded, for the switch to drop.
+		if got, err := extWaitOutcome(ctx, clients[0].NS, addr, framework.Dropped, 1500*time.Millisecond, 30*time.Second); err != nil {
+			t.Fatalf("iTP Local %s from %s never started dropping: last %v: %v", addr, without.Name, got, err)
+		}
 		extExpectAll(t, ctx, clients[0].NS, addr, framework.Dropped, 1500*time.Millisecond,
 			fmt.Sprintf("iTP Local %s from %s on %s (no endpoint on that node)", addr, clients[0].Name, without.Name))
 		row.Note("")
