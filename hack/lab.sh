@@ -33,7 +33,7 @@ done
 say "provisioning (apt tools, etcd, kube-apiserver; cached after the first run)"
 # The lab needs only kube-apiserver; kube-proxy/kubectl are built by `make provision`.
 MINIPROXY_K8S_TOOLS=${MINIPROXY_K8S_TOOLS:-kube-apiserver} bash hack/provision.sh >/dev/null
-for t in ip iptables nft conntrack etcd; do
+for t in ip iptables nft conntrack; do
 	PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || die "$t missing after provisioning"
 done
 

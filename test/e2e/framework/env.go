@@ -39,6 +39,9 @@ import (
 // K8sVersion is the upstream version hack/provision.sh builds.
 const K8sVersion = "v1.37.2"
 
+// EtcdVersion is the etcd hack/provision.sh builds (hack/etcd pins it).
+const EtcdVersion = "v3.6.16"
+
 // Env describes where things are and owns the cleanup stack of one run.
 type Env struct {
 	ID      string // unique per run: mpe-<pid>-<rand>
@@ -67,7 +70,7 @@ func RequireRoot() error {
 	}
 	for _, b := range []string{"ip", "iptables", "nft", "conntrack"} {
 		if p := absPath(b); !filepath.IsAbs(p) {
-			return fmt.Errorf("%s not installed: run hack/provision.sh (installs iptables nftables conntrack iproute2 ipset etcd-server)", b)
+			return fmt.Errorf("%s not installed: run hack/provision.sh (installs iptables nftables conntrack iproute2 ipset)", b)
 		}
 	}
 	return nil
@@ -97,8 +100,8 @@ func NewEnv(opts Options) (*Env, error) {
 	if e.K8sBin, err = k8sBinDir(); err != nil {
 		return nil, err
 	}
-	if e.Etcd = absPath("etcd"); !filepath.IsAbs(e.Etcd) {
-		return nil, errors.New("etcd not found: run `bash hack/provision.sh` (installs Debian's etcd-server)")
+	if e.Etcd, err = etcdBin(e.K8sBin); err != nil {
+		return nil, err
 	}
 	if _, err := os.Stat(filepath.Join(e.BinDir, "podserver")); err != nil {
 		return nil, fmt.Errorf("%s/podserver missing: run `make build`", e.BinDir)
@@ -228,6 +231,25 @@ func k8sBinDir() (string, error) {
 		return "", fmt.Errorf("kube-apiserver %s not provisioned (looked in %s): run `bash hack/provision.sh` (or `make e2e`, which runs it first)", K8sVersion, dir)
 	}
 	return filepath.EvalSymlinks(dir)
+}
+
+// etcdBin finds the etcd that hack/provision.sh built next to kube-apiserver,
+// or the one MINIPROXY_ETCD names. An etcd on PATH is not taken silently: a
+// distribution's older etcd (Debian 12 ships 3.4.23) lacks watch progress
+// requests, so kube-apiserver turns every informer's streaming initial list
+// into a plain LIST and the run measures something else.
+func etcdBin(k8sBin string) (string, error) {
+	if p := os.Getenv("MINIPROXY_ETCD"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("MINIPROXY_ETCD: %w", err)
+		}
+		return p, nil
+	}
+	p := filepath.Join(k8sBin, "etcd")
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("etcd not provisioned (looked for %s): run `bash hack/provision.sh`, which builds etcd %s, or set MINIPROXY_ETCD", p, EtcdVersion)
+	}
+	return p, nil
 }
 
 var staleName = regexp.MustCompile(`^mpe-(\d+)-[0-9a-f]+-`)

@@ -217,7 +217,7 @@ func (s *Suite) Close() error {
 }
 
 func (s *Suite) writeMatrix() error {
-	header := fmt.Sprintf("Modes enabled: %s. kube-apiserver %s, etcd from Debian etcd-server.", strings.Join(s.Enabled, ", "), K8sVersion)
+	header := fmt.Sprintf("Modes enabled: %s. kube-apiserver %s, etcd %s.", strings.Join(s.Enabled, ", "), K8sVersion, EtcdVersion)
 	if err := s.Matrix.Write(s.ResultsDir, header); err != nil {
 		return err
 	}
