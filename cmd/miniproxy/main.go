@@ -234,9 +234,11 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	}
 	log.Info("starting", "mode", o.Mode, "node", o.nodeName, "families", o.proxyConfig.Families,
 		"minSyncPeriod", o.MinSyncPeriod, "syncPeriod", o.SyncPeriod)
+	watchStart := time.Now()
 	if err := watch.Start(ctx, client, o.nodeName, tracker, onChange); err != nil {
 		return fmt.Errorf("watch: %w", err)
 	}
+	log.Info("informers synced", "took", time.Since(watchStart).Round(time.Millisecond))
 	if o.proxyConfig.LocalMode == proxy.LocalModeNodeCIDR {
 		// The detector needs this node's pod CIDR; wait (bounded) for the Node.
 		deadline := time.Now().Add(30 * time.Second)

@@ -54,6 +54,20 @@ func (sp *ServicePort) Eligible(node Node) Eligibility {
 // pick returns the ready endpoints accepted by keep, or, if there are none, the
 // serving-and-terminating ones.
 func pick(eps []Endpoint, keep func(Endpoint) bool) []Endpoint {
+	// Commonly every endpoint is kept and ready: share eps instead of
+	// copying it (once per service port per render). The capacity is cut to
+	// the length, so an append by any caller copies instead of writing
+	// into the snapshot's array.
+	all := len(eps) > 0
+	for i := range eps {
+		if !eps[i].Ready || !keep(eps[i]) {
+			all = false
+			break
+		}
+	}
+	if all {
+		return eps[:len(eps):len(eps)]
+	}
 	var ready, terminating []Endpoint
 	for _, ep := range eps {
 		if !keep(ep) {

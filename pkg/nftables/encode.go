@@ -1,8 +1,10 @@
 package nftables
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
+	"net/netip"
 
 	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
@@ -29,6 +31,45 @@ type ruleEncoder struct {
 	table string
 	cache map[rs.Expr][]byte // list elements of one typed expression
 	elems []byte             // scratch: the list elements of one rule
+	dnat  *dnatTemplate      // nil until the first DNAT; see dnatTemplate
+}
+
+// dnatTemplate is the encoding of one DNAT with the offsets of its address
+// and port bytes. Every endpoint has a DNAT (50k at 10k Services × 5) and
+// they differ only in those bytes, so copying and patching the template
+// replaces three library marshals per endpoint (a fifth of a cold start's
+// allocations).
+type dnatTemplate struct {
+	b          []byte
+	addr, port int
+	ok         bool // false: the sentinel was not found once; use the library
+}
+
+// Sentinels whose bytes occur nowhere else in a DNAT's encoding (checked).
+var (
+	dnatSentinel4 = netip.AddrPortFrom(netip.AddrFrom4([4]byte{0xa5, 0x5a, 0xc3, 0x3c}), 0xe77e)
+	dnatSentinel6 = netip.AddrPortFrom(netip.AddrFrom16([16]byte{0xa5, 0x5a, 0xc3, 0x3c, 0xa5, 0x5a, 0xc3, 0x3c, 0xa5, 0x5a, 0xc3, 0x3c, 0xa5, 0x5a, 0xc3, 0x3c}), 0xe77e)
+)
+
+func (e *ruleEncoder) dnatTemplate() *dnatTemplate {
+	if e.dnat != nil {
+		return e.dnat
+	}
+	e.dnat = &dnatTemplate{}
+	sent := dnatSentinel4
+	if e.f == model.IPv6 {
+		sent = dnatSentinel6
+	}
+	b, err := e.marshalExpr(nil, rs.DNAT{To: sent})
+	if err != nil {
+		return e.dnat
+	}
+	addr, port := sent.Addr().AsSlice(), []byte{byte(sent.Port() >> 8), byte(sent.Port())}
+	if bytes.Count(b, addr) != 1 || bytes.Count(b, port) != 1 {
+		return e.dnat
+	}
+	e.dnat.b, e.dnat.addr, e.dnat.port, e.dnat.ok = b, bytes.Index(b, addr), bytes.Index(b, port), true
+	return e.dnat
 }
 
 func newRuleEncoder(f model.Family, table string) *ruleEncoder {
@@ -68,7 +109,29 @@ func (e *ruleEncoder) appendExpr(dst []byte, x rs.Expr) ([]byte, error) {
 	if b, ok := e.cache[x]; ok {
 		return append(dst, b...), nil
 	}
+	if d, ok := x.(rs.DNAT); ok && model.FamilyOf(d.To.Addr()) == e.f {
+		if t := e.dnatTemplate(); t.ok {
+			start := len(dst)
+			dst = append(dst, t.b...)
+			a := d.To.Addr().As16()
+			copy(dst[start+t.addr:], a[16-d.To.Addr().BitLen()/8:])
+			binary.BigEndian.PutUint16(dst[start+t.port:], d.To.Port())
+			return dst, nil
+		}
+	}
 	start := len(dst)
+	dst, err := e.marshalExpr(dst, x)
+	if err != nil {
+		return dst, err
+	}
+	if reusable(x) {
+		e.cache[x] = append([]byte(nil), dst[start:]...)
+	}
+	return dst, nil
+}
+
+// marshalExpr appends x's list elements as the library encodes them.
+func (e *ruleEncoder) marshalExpr(dst []byte, x rs.Expr) ([]byte, error) {
 	exprs, err := ruleExprs(e.f, rs.Rule{x})
 	if err != nil {
 		return dst, err
@@ -80,9 +143,6 @@ func (e *ruleEncoder) appendExpr(dst []byte, x rs.Expr) ([]byte, error) {
 		}
 		dst = putAttrHeader(dst, unix.NLA_HDRLEN+len(b), unix.NLA_F_NESTED|unix.NFTA_LIST_ELEM)
 		dst = pad(append(dst, b...))
-	}
-	if reusable(x) {
-		e.cache[x] = append([]byte(nil), dst[start:]...)
 	}
 	return dst, nil
 }
