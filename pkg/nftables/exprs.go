@@ -137,8 +137,8 @@ func ruleExprs(f model.Family, r rs.Rule) ([]expr.Any, error) {
 				&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: native32(0)})
 		case rs.MatchSaddrInSet:
 			out = append(out, addrPayload(f, true, reg1), &expr.Lookup{SourceRegister: reg1, SetName: e.Set})
-		case rs.MatchPairInSet:
-			load, first := keyExprs(f, rs.KeySaddrDaddr)
+		case rs.MatchKeyInSet:
+			load, first := keyExprs(f, e.Key)
 			out = append(out, load...)
 			out = append(out, &expr.Lookup{SourceRegister: first, SetName: e.Set})
 		case rs.MatchCtDNAT:

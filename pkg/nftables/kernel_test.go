@@ -72,6 +72,9 @@ func TestKernelReadback(t *testing.T) {
 	}
 	for _, want := range []string{
 		"ip daddr . meta l4proto . th dport vmap @service-ips",
+		// ClusterIP masquerade: one rule before dispatch, keys in a set.
+		"ip saddr != 10.180.0.0/16 ip daddr . meta l4proto . th dport @cluster-ips meta mark set",
+		"172.30.0.12 . tcp . 80,",
 		"172.30.0.12 . tcp . 80 : goto service-",
 		"numgen random mod 3",
 		"dnat to 10.180.0.1:80",

@@ -59,8 +59,8 @@ func (m MatchSaddrInSet) nft(f model.Family) string {
 	return fmt.Sprintf("%s saddr @%s", famWord(f), m.Set)
 }
 
-func (m MatchPairInSet) nft(f model.Family) string {
-	return fmt.Sprintf("%s @%s", keyExpr(f, KeySaddrDaddr), m.Set)
+func (m MatchKeyInSet) nft(f model.Family) string {
+	return fmt.Sprintf("%s @%s", keyExpr(f, m.Key), m.Set)
 }
 func (MatchCtDNAT) nft(model.Family) string { return "ct status dnat" }
 

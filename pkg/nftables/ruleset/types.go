@@ -254,9 +254,13 @@ type MatchNumgen struct{ Mod uint32 }
 // MatchSaddrInSet matches when the source address is in the named set.
 type MatchSaddrInSet struct{ Set string }
 
-// MatchPairInSet matches when saddr . daddr is in the named set
-// (KeySaddrDaddr).
-type MatchPairInSet struct{ Set string }
+// MatchKeyInSet matches when the packet's key of kind Key is in the named
+// set: saddr . daddr for the hairpin set, daddr . proto . port for
+// SetClusterIPs.
+type MatchKeyInSet struct {
+	Key KeyKind
+	Set string
+}
 
 // MatchCtDNAT matches packets of connections that were DNATed
 // (`ct status dnat`).

@@ -292,13 +292,22 @@ func (tr *tracer) evalExprs(c *rs.Chain, ri, ei int, st tstate) []tstate {
 		return cond(false)
 	case rs.MatchCtDNAT:
 		return cond(st.dnat)
-	case rs.MatchPairInSet:
+	case rs.MatchKeyInSet:
 		if tr.sets[e.Set] == nil {
 			tr.problems["lookup in missing set "+e.Set] = true
 			return cond(false)
 		}
-		_, ok := tr.elems[e.Set][rs.Element{Addr: st.dst}.KeyString(rs.KeySaddrDaddr)]
-		return cond(ok && tr.pkt.Src == st.dst)
+		switch e.Key {
+		case rs.KeySaddrDaddr:
+			// Elements hold the same address twice (see Element.KeyString).
+			_, ok := tr.elems[e.Set][rs.Element{Addr: st.dst}.KeyString(e.Key)]
+			return cond(ok && tr.pkt.Src == st.dst)
+		case rs.KeyDaddrProtoPort:
+			_, ok := tr.elems[e.Set][rs.Element{Addr: st.dst, Proto: tr.pkt.Proto, Port: st.port}.KeyString(e.Key)]
+			return cond(ok)
+		}
+		tr.problems[fmt.Sprintf("set lookup with key kind %d", e.Key)] = true
+		return cond(false)
 	case rs.VMap:
 		s := tr.sets[e.Map]
 		if s == nil {
