@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 )
 
 // CacheDir returns the directory the kernel package is cached in:
@@ -64,6 +65,22 @@ const DefaultPackage = "linux-image-amd64"
 // EnsureKernel returns the cached kernel, fetching and unpacking it first when
 // the cache is cold. It only ever writes below cacheDir.
 func EnsureKernel(ctx context.Context, cacheDir, pkg string) (*Kernel, error) {
+	// `make guest` runs the guest tests of several packages as parallel
+	// processes. On a cold cache each would unpack the kernel and replace
+	// the others' root while they read modules from it (seen on a fresh
+	// CI machine: "index modules …: no such file or directory"), so the
+	// whole check-or-fetch runs under a lock on the cache directory.
+	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create %s: %w", cacheDir, err)
+	}
+	lock, err := os.OpenFile(filepath.Join(cacheDir, "kernel.lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open kernel cache lock: %w", err)
+	}
+	defer lock.Close() // closing the file releases the lock
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return nil, fmt.Errorf("lock kernel cache %s: %w", cacheDir, err)
+	}
 	if k, err := findKernel(filepath.Join(cacheDir, "root")); err == nil {
 		return k, nil
 	}
@@ -160,11 +177,11 @@ func extractVmlinux(bz, out string) error {
 	if err != nil {
 		return err
 	}
-	tmp := out + ".tmp"
-	f, err := os.Create(tmp)
+	f, err := os.CreateTemp(filepath.Dir(out), filepath.Base(out)+".tmp-")
 	if err != nil {
 		return err
 	}
+	tmp := f.Name()
 	cmd := exec.Command(xz, "-dc", "--single-stream")
 	cmd.Stdin = bytes.NewReader(data[i:])
 	cmd.Stdout = f
