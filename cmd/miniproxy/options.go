@@ -215,14 +215,25 @@ func (o *Options) validate() error {
 	}
 	families := map[model.Family]bool{model.IPv4: true}
 	if o.ClusterCIDR != "" {
+		// One CIDR per family, as kube-proxy requires: the local-traffic
+		// check is "source not in the family's pod range", and a second
+		// range of the same family would make every backend's rule
+		// ambiguous (iptables would masquerade all pod traffic).
+		seen := map[model.Family]netip.Prefix{}
 		for _, s := range strings.Split(o.ClusterCIDR, ",") {
 			p, err := netip.ParsePrefix(strings.TrimSpace(s))
 			if err != nil {
 				errs = append(errs, fmt.Errorf("--cluster-cidr %q: %w", s, err))
 				continue
 			}
+			f := model.FamilyOf(p.Addr())
+			if prev, dup := seen[f]; dup {
+				errs = append(errs, fmt.Errorf("--cluster-cidr %q: at most one CIDR per IP family (%s and %s)", o.ClusterCIDR, prev, p.Masked()))
+				continue
+			}
+			seen[f] = p.Masked()
 			pc.ClusterCIDRs = append(pc.ClusterCIDRs, p.Masked())
-			families[model.FamilyOf(p.Addr())] = true
+			families[f] = true
 		}
 	}
 	if pc.LocalMode == "" {

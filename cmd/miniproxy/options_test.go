@@ -19,6 +19,7 @@ func TestParseOptionsErrors(t *testing.T) {
 		{[]string{"--no-such-flag"}, "unknown flag"},
 		{[]string{"--proxy-mode", "userspace"}, "--proxy-mode"},
 		{[]string{"--cluster-cidr", "10.0.0.0/33"}, "--cluster-cidr"},
+		{[]string{"--cluster-cidr", "10.0.0.0/16,10.1.0.0/16"}, "at most one CIDR per IP family"},
 		{[]string{"--sync-period", "soon"}, "invalid argument"},
 		{[]string{"--min-sync-period", "1m", "--sync-period", "10s"}, "longer than"},
 		{[]string{"--nodeport-addresses", "192.168.0.0/24,nope"}, "--nodeport-addresses"},
