@@ -357,8 +357,27 @@ func TestKernelIncremental(t *testing.T) {
 	// Removing a service deletes its objects.
 	delete(next.Services, two.Name)
 	mustSync(t, b, next, false)
-	if out := ns.MustRun(t, "nft", "list", "table", "ip", "miniproxy"); strings.Contains(out, "ns1/two/") {
+	out := ns.MustRun(t, "nft", "list", "table", "ip", "miniproxy")
+	if strings.Contains(out, "ns1/two/") {
 		t.Errorf("removed service still present:\n%s", out)
+	}
+	// Its ClusterIP leaves the masquerade set too (another Service's stays).
+	key := func(sp *model.ServicePort) string {
+		vip, _ := sp.ClusterIP(model.IPv4)
+		return fmt.Sprintf("%s . tcp . %d", vip, sp.Port)
+	}
+	masq := blocks(out)["set cluster-ips {"]
+	if strings.Contains(masq, key(&two)) || len(next.Services) == 0 {
+		t.Errorf("set cluster-ips after removing %s still holds %s:\n%s", two.Name, key(&two), masq)
+	}
+	for _, sp := range next.Services {
+		if len(sp.Endpoints) > 0 && !strings.Contains(masq, key(sp)) {
+			t.Errorf("set cluster-ips lacks %s of %s:\n%s", key(sp), sp.Name, masq)
+		}
+	}
+	// And a full sync finds nothing to repair.
+	if res := mustSync(t, b, next, true); res.Rules != 0 {
+		t.Errorf("full sync after the removal sent %d messages, want 0", res.Rules)
 	}
 }
 
