@@ -142,9 +142,9 @@ func tableKey(f model.Family, snap *model.Snapshot, cfg *proxy.Config, shards in
 func renderFamily(f model.Family, snap *model.Snapshot, cfg *proxy.Config, prev *Ruleset, shards int) []*Table {
 	key := tableKey(f, snap, cfg, shards)
 	local := cfg.LocalPrefixes(f, snap.Node)
-	chains, sets := staticObjects(f, snap.Node, cfg, local)
-	r := &renderer{f: f, node: snap.Node, cfg: cfg, local: local,
-		masqClusterIPs: len(clusterIPMasq(cfg, local)) > 0}
+	masq := clusterIPMasq(cfg, local)
+	chains, sets := staticObjects(f, snap.Node, cfg, masq)
+	r := &renderer{f: f, node: snap.Node, cfg: cfg, local: local, masqClusterIPs: len(masq) > 0}
 	newTable := func(name string, part int) *Table {
 		t := &Table{Family: f, Name: name, key: key, in: r, shards: shards, part: part}
 		for _, c := range chains {
@@ -296,9 +296,9 @@ func gotoV(c string) Verdict               { return Verdict{Kind: Goto, Chain: c
 func hostPrefix(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
 
 // staticObjects declares, in one place, the base chains, helper chains and
-// maps that exist whatever the Services are. local are the prefixes whose
-// sources are this node's pods (cfg.LocalPrefixes).
-func staticObjects(f model.Family, node model.Node, cfg *proxy.Config, local []netip.Prefix) ([]*Chain, []*Set) {
+// maps that exist whatever the Services are. masq is the ClusterIP
+// masquerade rule, if any (clusterIPMasq).
+func staticObjects(f model.Family, node model.Node, cfg *proxy.Config, masq []Rule) ([]*Chain, []*Set) {
 	mark := cfg.MarkMasq()
 	base := func(name string, typ ChainType, hook Hook, prio int32, rules ...Rule) *Chain {
 		return &Chain{Name: name, Base: &BaseChain{Type: typ, Hook: hook, Priority: prio}, Rules: rules}
@@ -350,7 +350,7 @@ func staticObjects(f model.Family, node model.Node, cfg *proxy.Config, local []n
 		// locally originated connections.
 		base(ChainFilterOutput, TypeFilter, HookOutput, prioBeforeDstNAT,
 			ctNewJump(ChainEndpointsCheck), ctNewJump(ChainFirewallCheck)),
-		{Name: ChainServices, Rules: append(append(clusterIPMasq(cfg, local),
+		{Name: ChainServices, Rules: append(append(append([]Rule(nil), masq...),
 			rule(VMap{Key: KeyDaddrProtoPort, Map: MapServiceIPs})),
 			nodePortRules(MapServiceNodePorts)...)},
 		{Name: ChainEndpointsCheck, Rules: append([]Rule{rule(VMap{Key: KeyDaddrProtoPort, Map: MapNoEndpointIPs})},
