@@ -5,46 +5,51 @@ import (
 	"log/slog"
 
 	"github.com/miniproxy/miniproxy/pkg/conntrack"
+	"github.com/miniproxy/miniproxy/pkg/metrics"
 	"github.com/miniproxy/miniproxy/pkg/model"
 )
 
-// conntrackCleaner deletes stale UDP conntrack entries after each successful
-// sync, so a UDP client that keeps its source port is not pinned to an
-// endpoint that no longer exists. A cleanup failure is logged and never fails
-// the sync: the rules are already correct, only old flows linger.
-type conntrackCleaner struct {
+// conntrackReconciler deletes stale UDP conntrack entries after each
+// successful sync, against the kernel's table (pkg/conntrack), so a UDP
+// client that keeps its source port is not pinned to an endpoint that no
+// longer exists — also right after a restart. A failure is logged and never
+// fails the sync: the rules are already correct, only old flows linger, and
+// the next sync tries again (an incomplete pass is never skipped).
+type conntrackReconciler struct {
 	log *slog.Logger
-	c   *conntrack.Cleaner
+	r   *conntrack.Reconciler
 }
 
-func newConntrackCleaner(log *slog.Logger, o *Options) *conntrackCleaner {
-	cc := &conntrackCleaner{log: log.With("component", "conntrack")}
+func newConntrackReconciler(log *slog.Logger, o *Options, m *metrics.Metrics) *conntrackReconciler {
+	cr := &conntrackReconciler{log: log.With("component", "conntrack")}
 	if !o.ConntrackCleanup {
-		return cc
+		return cr
 	}
 	c, err := conntrack.New("")
 	if err != nil {
-		cc.log.Error("conntrack netlink unavailable; stale UDP flows will not be cleaned", "err", err)
-		return cc
+		cr.log.Error("conntrack netlink unavailable; stale UDP flows will not be cleaned", "err", err)
+		return cr
 	}
-	cc.c = c
-	return cc
+	cfg := o.proxyConfig
+	// Only iptables mode serves NodePorts on loopback; elsewhere a flow to
+	// 127.0.0.1:NodePort is not DNATed and is none of our business.
+	cfg.LocalhostNodePorts = cfg.LocalhostNodePorts && o.Mode == "iptables"
+	cr.r = conntrack.NewReconciler(cr.log, c, cfg, m.ConntrackReconciled)
+	return cr
 }
 
-// clean must be called after the rules for cur are in the kernel; prev is the
-// last snapshot that reached the kernel (nil on the first sync).
-func (cc *conntrackCleaner) clean(ctx context.Context, prev, cur *model.Snapshot) {
-	if cc.c == nil {
+// reconcile must be called after the rules for snap are in the kernel; full
+// is whether that sync was a full one.
+func (cr *conntrackReconciler) reconcile(ctx context.Context, snap *model.Snapshot, full bool) {
+	if cr.r == nil {
 		return
 	}
-	w := conntrack.Stale(prev, cur)
-	if w.Empty() {
-		return
-	}
-	n, err := cc.c.Clean(ctx, w)
+	st, err := cr.r.Reconcile(ctx, snap, full)
 	if err != nil {
-		cc.log.Warn("conntrack cleanup incomplete", "deleted", n, "err", err)
+		cr.log.Warn("conntrack reconcile incomplete; retried after the next sync", "deleted", st.Deleted, "err", err)
 		return
 	}
-	cc.log.Debug("deleted stale conntrack entries", "deleted", n, "goneEndpoints", len(w.Gone), "openedFrontends", len(w.Opened))
+	if st.Deleted > 0 {
+		cr.log.Info("deleted stale UDP conntrack entries", "deleted", st.Deleted, "listed", st.Listed)
+	}
 }

@@ -29,7 +29,6 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/ipvs"
 	"github.com/miniproxy/miniproxy/pkg/metrics"
-	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/nftables"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	mpsync "github.com/miniproxy/miniproxy/pkg/sync"
@@ -187,8 +186,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	}()
 
 	tracker := watch.NewTracker(log.With("component", "watch"), "")
-	cleaner := newConntrackCleaner(log, o)
-	var prev *model.Snapshot
+	ctReconciler := newConntrackReconciler(log, o, m)
 	syncFn := func(ctx context.Context, full bool) error {
 		start := time.Now()
 		snap, pending := tracker.Snapshot()
@@ -209,8 +207,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 		if err := svcHealth.Sync(health.ServicePorts(snap)); err != nil {
 			log.Warn("some health check node ports could not be opened", "err", err)
 		}
-		cleaner.clean(ctx, prev, snap)
-		prev = snap
+		ctReconciler.reconcile(ctx, snap, res.Full)
 		if res.Changed >= bulkSync {
 			// A cold start or a resync of many Services leaves a heap several
 			// times the steady state (render output, netlink or restore

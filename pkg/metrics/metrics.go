@@ -71,6 +71,12 @@ type Metrics struct {
 	SyncFailures *prometheus.CounterVec
 	// ServicePorts is the number of service ports in the last synced snapshot.
 	ServicePorts prometheus.Gauge
+
+	// Conntrack reconciler (pkg/conntrack), kube-proxy v1.37's names,
+	// labels and buckets (pkg/proxy/metrics): one observation per IP family
+	// and pass, the deleted-entries counter added to by the same pass.
+	ConntrackReconcileDuration *prometheus.HistogramVec
+	ConntrackDeletedEntries    *prometheus.CounterVec
 }
 
 // New creates the metrics and registers them on reg.
@@ -146,6 +152,23 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			return nil, fmt.Errorf("registering metrics: %w", err)
 		}
 	}
+	// Conntrack reconciler metrics, registered here so the block stays whole.
+	m.ConntrackReconcileDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "conntrack_reconciler_sync_duration_seconds",
+		Help:      "ReconcileConntrackFlowsLatency latency in seconds",
+		Buckets:   syncBuckets,
+	}, []string{"ip_family"})
+	m.ConntrackDeletedEntries = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "conntrack_reconciler_deleted_entries_total",
+		Help:      "Cumulative conntrack flows deleted by conntrack reconciler",
+	}, []string{"ip_family"})
+	for _, c := range []prometheus.Collector{m.ConntrackReconcileDuration, m.ConntrackDeletedEntries} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("registering conntrack metrics: %w", err)
+		}
+	}
 	// Export both label values from the start so a failure rate can be
 	// computed (and alerted on) before the first failure happens.
 	m.SyncFailures.WithLabelValues(ModeFull)
@@ -171,6 +194,13 @@ func (m *Metrics) SyncDone(full bool, start time.Time, took time.Duration, err e
 		return
 	}
 	m.LastSyncTimestamp.Set(unixSeconds(start.Add(took)))
+}
+
+// ConntrackReconciled records one conntrack reconcile pass of family
+// ("IPv4" or "IPv6", kube-proxy's ip_family values).
+func (m *Metrics) ConntrackReconciled(family string, took time.Duration, deleted int) {
+	m.ConntrackReconcileDuration.WithLabelValues(family).Observe(took.Seconds())
+	m.ConntrackDeletedEntries.WithLabelValues(family).Add(float64(deleted))
 }
 
 // Queued records that a change is waiting for a sync.

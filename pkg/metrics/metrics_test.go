@@ -109,3 +109,25 @@ func TestNetworkProgrammingBuckets(t *testing.T) {
 		}
 	}
 }
+
+// TestConntrackReconciled checks kube-proxy v1.37's conntrack reconciler
+// names and ip_family label.
+func TestConntrackReconciled(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := New(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.ConntrackReconciled("IPv4", 3*time.Millisecond, 2)
+	m.ConntrackReconciled("IPv4", time.Millisecond, 1)
+	body := scrape(t, reg)
+	for _, want := range []string{
+		`kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv4"} 3`,
+		`kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family="IPv4"} 2`,
+		`kubeproxy_conntrack_reconciler_sync_duration_seconds_bucket{ip_family="IPv4",le="0.004"} 2`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("missing %q in:\n%s", want, body)
+		}
+	}
+}
