@@ -463,3 +463,87 @@ func equal(a, b []string) bool {
 	}
 	return true
 }
+
+// BenchmarkKernelReconcile measures one reconcile pass over 10k injected UDP
+// entries (1,000 UDP Services × 10 clients, DNATed to one of two endpoints)
+// next to 20k TCP entries the kernel filter must leave out: "keep" deletes
+// nothing (a full sync's pass), "scale-to-zero" deletes all 10k. Figures go
+// to bench/results/conntrack-reconcile.md, not into assertions.
+func BenchmarkKernelReconcile(b *testing.B) {
+	netnstest.RequireRoot(b)
+	node := netnstest.New(b, "ctb")
+	c, err := New(node.Path())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	conn, err := ct.Dial(&netlink.Config{NetNS: node.FD(b)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+
+	const services, clients, tcpEntries = 1000, 10, 20000
+	var ports []*model.ServicePort
+	vip := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{172, 30, byte(i >> 8), byte(i)}) }
+	epIP := func(i, k int) netip.Addr { return netip.AddrFrom4([4]byte{10, 180, byte(i >> 8), byte(2*(i&0x7f) + k)}) }
+	for i := 0; i < services; i++ {
+		sp := udpSP(vip(i).String(), 0, mt.Ep(epIP(i, 0).String(), 8080, "node-a"), mt.Ep(epIP(i, 1).String(), 8080, "node-a"))
+		sp.Name.Name = fmt.Sprintf("dns-%d", i)
+		ports = append(ports, sp)
+	}
+	full := mt.Snap(ports...)
+	var empty []*model.ServicePort
+	for _, sp := range ports {
+		e := *sp
+		e.Endpoints = nil
+		empty = append(empty, &e)
+	}
+	zero := mt.Snap(empty...)
+
+	inject := func() {
+		for i := 0; i < services; i++ {
+			for k := 0; k < clients; k++ {
+				cl := netip.AddrFrom4([4]byte{10, 181, byte(k), 1})
+				f := ct.NewFlow(17, 0, cl, vip(i), uint16(40000+i), 53, 120, 0)
+				f.TupleReply = ct.Tuple{
+					IP:    ct.IPTuple{SourceAddress: epIP(i, k%2), DestinationAddress: cl},
+					Proto: ct.ProtoTuple{Protocol: 17, SourcePort: 8080, DestinationPort: uint16(40000 + i)},
+				}
+				if err := conn.Create(f); err != nil && !errors.Is(err, os.ErrExist) {
+					b.Fatal(err)
+				}
+			}
+		}
+	}
+	inject()
+	for i := 0; i < tcpEntries; i++ {
+		f := ct.NewFlow(6, 0, netip.AddrFrom4([4]byte{10, 182, byte(i >> 8), byte(i)}), netip.MustParseAddr("10.183.0.1"), uint16(1024+i%60000), 443, 120, 0)
+		f.ProtoInfo.TCP = &ct.ProtoInfoTCP{State: 3} // ESTABLISHED
+		if err := conn.Create(f); err != nil && !errors.Is(err, os.ErrExist) {
+			b.Fatal(err)
+		}
+	}
+
+	b.Run("keep-10k", func(b *testing.B) {
+		p := NewPlan(full, nil, nil)
+		for i := 0; i < b.N; i++ {
+			res, err := c.Reconcile(context.Background(), model.IPv4, 17, p)
+			if err != nil || res.Listed != services*clients || res.Deleted != 0 {
+				b.Fatalf("%+v, %v", res, err)
+			}
+		}
+	})
+	b.Run("scale-to-zero-10k", func(b *testing.B) {
+		p := NewPlan(zero, nil, nil)
+		for i := 0; i < b.N; i++ {
+			b.StopTimer()
+			inject()
+			b.StartTimer()
+			res, err := c.Reconcile(context.Background(), model.IPv4, 17, p)
+			if err != nil || res.Deleted != services*clients {
+				b.Fatalf("%+v, %v", res, err)
+			}
+		}
+	})
+}
