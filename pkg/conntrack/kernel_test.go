@@ -486,7 +486,9 @@ func BenchmarkKernelReconcile(b *testing.B) {
 	const services, clients, tcpEntries = 1000, 10, 20000
 	var ports []*model.ServicePort
 	vip := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{172, 30, byte(i >> 8), byte(i)}) }
-	epIP := func(i, k int) netip.Addr { return netip.AddrFrom4([4]byte{10, 180, byte(i >> 8), byte(2*(i&0x7f) + k)}) }
+	epIP := func(i, k int) netip.Addr {
+		return netip.AddrFrom4([4]byte{10, 180, byte(i >> 8), byte(2*(i&0x7f) + k)})
+	}
 	for i := 0; i < services; i++ {
 		sp := udpSP(vip(i).String(), 0, mt.Ep(epIP(i, 0).String(), 8080, "node-a"), mt.Ep(epIP(i, 1).String(), 8080, "node-a"))
 		sp.Name.Name = fmt.Sprintf("dns-%d", i)
