@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os/exec"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 
@@ -241,15 +242,22 @@ func (b *Backend) syncFull(ctx context.Context, fs *familyState, snap *model.Sna
 		// First sync of this process: learn which of our chains a previous
 		// run left, so stale ones are removed. Later full syncs rely on
 		// memory, because listing a large table costs seconds.
+		var filter listing
 		for _, table := range []Table{NAT, Filter} {
-			names, err := b.listChains(ctx, fs, table)
+			l, err := b.list(ctx, fs, table, false)
 			if err != nil {
 				return 0, 0, err
 			}
-			for _, c := range names {
+			for _, c := range l.owned {
 				fs.leftover[table][c] = true
 			}
+			if table == Filter {
+				filter = l
+			}
 		}
+		b.prepareLocalnet(ctx, fs, filter)
+		// prepareLocalnet may have decided the guard's record.
+		base = fs.r.RenderBase(snap.Node)
 	}
 	plan := renderFull(&fs.r, snap, base, fs.committedChains(), coldChunk)
 	for i, c := range plan.chunks {
@@ -257,7 +265,7 @@ func (b *Backend) syncFull(ctx context.Context, fs *familyState, snap *model.Sna
 			return 0, 0, fmt.Errorf("chunk %d/%d: %w", i+1, len(plan.chunks), err)
 		}
 	}
-	if err := b.restore(ctx, fs, plan.final.String()); err != nil {
+	if err := b.restoreDropping(ctx, fs, plan.final); err != nil {
 		return 0, 0, err
 	}
 	if err := b.ensureHooks(ctx, fs, base); err != nil {
@@ -308,7 +316,7 @@ func (b *Backend) syncPartial(ctx context.Context, fs *familyState, snap *model.
 	if t.empty() {
 		return 0, 0, nil
 	}
-	if err := b.restore(ctx, fs, t.String()); err != nil {
+	if err := b.restoreDropping(ctx, fs, t); err != nil {
 		return 0, 0, err
 	}
 	node := snap.Node
@@ -388,7 +396,7 @@ func renderFull(r *Renderer, snap *model.Snapshot, base Base, existing map[Table
 	for _, table := range []Table{NAT, Filter} {
 		var stale []string
 		for name := range existing[table] {
-			if !p.want[table][name] && ownedChain(name) {
+			if !p.want[table][name] && ownedChain(table, name) {
 				stale = append(stale, name)
 			}
 		}
@@ -406,10 +414,107 @@ func (b *Backend) restore(ctx context.Context, fs *familyState, text string) err
 	}
 	// iptables-nft commits each table section on its own.
 	b.commits += uint32(strings.Count(text, "\nCOMMIT\n"))
-	if _, err := b.run(ctx, text, fs.tools.restore, "--noflush", "-w", "5"); err != nil {
+	if _, err := b.xt(ctx, text, fs.tools.restore, "--noflush", "-w", "5"); err != nil {
 		return fmt.Errorf("restore (%d bytes): %w", len(text), err)
 	}
 	return nil
+}
+
+// restoreDropping applies t, which may delete chains of ours. A chain of
+// ours that someone else's rule still jumps to cannot be deleted, and the
+// kernel then refuses the whole transaction (CHAIN_DEL: busy): one foreign
+// rule would stop every sync. So when a restore that deletes chains fails,
+// the tables are listed, the chains that rules outside this transaction
+// still jump to are kept (flushed: their rules are stale), the log names
+// them, and the restore runs once more. Listing costs seconds on a large
+// table, so it is done only after such a failure.
+func (b *Backend) restoreDropping(ctx context.Context, fs *familyState, t *restoreText) error {
+	err := b.restore(ctx, fs, t.String())
+	if err == nil || ctx.Err() != nil {
+		return err
+	}
+	retry := false
+	for _, table := range []Table{NAT, Filter} {
+		if len(t.remove[table]) == 0 {
+			continue
+		}
+		l, lerr := b.list(ctx, fs, table, true)
+		if lerr != nil {
+			return errors.Join(err, lerr)
+		}
+		// A jump outlives this transaction unless its chain is flushed in
+		// it or the rule itself is deleted (-D) by it.
+		flushed := t.declared(table)
+		deleted := map[[2]string]int{}
+		for _, line := range t.deletes[table] {
+			f := strings.Fields(line)
+			for i := 2; i+1 < len(f); i++ {
+				if f[i] == "-j" || f[i] == "-g" {
+					deleted[[2]string{f[1], f[i+1]}]++
+				}
+			}
+		}
+		pinned := map[string]bool{}
+		var from []string
+		for _, name := range t.remove[table] {
+			for _, c := range l.jumps[name] {
+				if k := [2]string{c, name}; !flushed[c] && deleted[k] > 0 {
+					deleted[k]--
+				} else if !flushed[c] {
+					pinned[name] = true
+					from = append(from, c+" → "+name)
+				}
+			}
+		}
+		if len(pinned) == 0 {
+			continue
+		}
+		sort.Strings(from)
+		b.log.Warn("keeping chains of ours that rules outside this sync still jump to: emptied, not deleted",
+			"family", fmt.Sprintf("IPv%d", fs.r.Family), "table", table, "jumps", from)
+		t.keep(table, pinned)
+		retry = true
+	}
+	if !retry {
+		return err
+	}
+	if err2 := b.restore(ctx, fs, t.String()); err2 != nil {
+		return fmt.Errorf("%w; again without deleting chains others jump to: %w", err, err2)
+	}
+	return nil
+}
+
+// lockAttempts bounds how often a command that found the xtables lock taken
+// is retried. Each attempt waits up to 5 s for the lock (-w 5), so a sync
+// waits about a minute for another program before it fails and the runner's
+// backoff takes over.
+const lockAttempts = 12
+
+// xt runs an iptables tool and retries while another process holds the
+// xtables lock. Only iptables-legacy takes that lock (/run/xtables.lock,
+// shared by every network namespace of the host); iptables-nft commits
+// nf_tables transactions and ignores it. The log says when a command waited,
+// and when it got through.
+func (b *Backend) xt(ctx context.Context, stdin, name string, args ...string) ([]byte, error) {
+	for attempt := 1; ; attempt++ {
+		out, err := b.run(ctx, stdin, name, args...)
+		if err == nil {
+			if attempt > 1 {
+				b.log.Info("xtables lock acquired; command went through", "command", name, "attempts", attempt)
+			}
+			return out, nil
+		}
+		if !lockBusy(err) || attempt == lockAttempts || ctx.Err() != nil {
+			return out, err
+		}
+		b.log.Warn("another process holds the xtables lock; retrying", "command", name, "attempt", attempt, "of", lockAttempts)
+	}
+}
+
+// lockBusy reports whether err is iptables giving up on the xtables lock
+// ("Another app is currently holding the xtables lock. Stopped waiting after 5s.").
+func lockBusy(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "holding the xtables lock")
 }
 
 func (b *Backend) ensureHooks(ctx context.Context, fs *familyState, base Base) error {
@@ -419,91 +524,183 @@ func (b *Backend) ensureHooks(ctx context.Context, fs *familyState, base Base) e
 	for i := len(base.Hooks) - 1; i >= 0; i-- {
 		h := base.Hooks[i]
 		args := append([]string{"-w", "5", "-t", string(h.Table), "-C", h.Chain}, h.Args...)
-		if _, err := b.run(ctx, "", fs.tools.iptables, args...); err == nil {
+		_, err := b.xt(ctx, "", fs.tools.iptables, args...)
+		if err == nil {
 			continue
+		}
+		if lockBusy(err) {
+			// Not an answer: inserting now could duplicate the hook.
+			return fmt.Errorf("hook %s/%s: %w", h.Table, h.Chain, err)
 		}
 		args = append([]string{"-w", "5", "-t", string(h.Table), "-I", h.Chain, "1"}, h.Args...)
 		b.commits++
-		if _, err := b.run(ctx, "", fs.tools.iptables, args...); err != nil {
+		if _, err := b.xt(ctx, "", fs.tools.iptables, args...); err != nil {
 			return fmt.Errorf("hook %s/%s: %w", h.Table, h.Chain, err)
 		}
 	}
 	return nil
 }
 
-func (b *Backend) listChains(ctx context.Context, fs *familyState, table Table) ([]string, error) {
+// deleteHooks removes hooks (every copy of each, bounded).
+func (b *Backend) deleteHooks(ctx context.Context, fs *familyState, hooks []Hook) {
+	for _, h := range hooks {
+		for i := 0; i < 10; i++ { // bounded: a hook is never inserted more than once, but be safe
+			args := append([]string{"-w", "5", "-t", string(h.Table), "-D", h.Chain}, h.Args...)
+			if _, err := b.xt(ctx, "", fs.tools.iptables, args...); err != nil {
+				break
+			}
+		}
+	}
+}
+
+// listing is what one iptables-save of a table says about our chains.
+type listing struct {
+	// owned are the chains of ours present (ownedChain).
+	owned []string
+	// localnetRecord: the localnet guard carries localnetRecord.
+	localnetRecord bool
+	// jumps maps each chain of ours to the chains with a rule that jumps
+	// (-j) or goes (-g) to it; filled only when asked.
+	jumps map[string][]string
+}
+
+func (b *Backend) list(ctx context.Context, fs *familyState, table Table, jumps bool) (listing, error) {
+	var l listing
+	if jumps {
+		l.jumps = map[string][]string{}
+	}
 	out, err := b.run(ctx, "", fs.tools.save, "-t", string(table))
 	if err != nil {
 		// A table that was never used cannot be listed on some kernels; that
 		// simply means there is nothing of ours in it.
 		if strings.Contains(err.Error(), "does not exist") {
-			return nil, nil
+			return l, nil
 		}
-		return nil, fmt.Errorf("list %s chains: %w", table, err)
+		return l, fmt.Errorf("list %s chains: %w", table, err)
 	}
-	var names []string
 	sc := bufio.NewScanner(strings.NewReader(string(out)))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	guardRule := "-A " + ChainLocalnetGuard + " "
 	for sc.Scan() {
 		line := sc.Text()
-		if strings.HasPrefix(line, ":KUBE-") {
+		switch {
+		case strings.HasPrefix(line, ":"):
 			name, _, _ := strings.Cut(line[1:], " ")
-			names = append(names, name)
+			if ownedChain(table, name) {
+				l.owned = append(l.owned, name)
+			}
+		case strings.HasPrefix(line, guardRule) && strings.Contains(line, localnetRecord):
+			l.localnetRecord = table == Filter
+		case jumps && strings.HasPrefix(line, "-A "):
+			f := strings.Fields(line)
+			for i := 2; i+1 < len(f); i++ {
+				if (f[i] == "-j" || f[i] == "-g") && ownedChain(table, f[i+1]) {
+					l.jumps[f[i+1]] = append(l.jumps[f[i+1]], f[1])
+				}
+			}
 		}
 	}
-	return names, sc.Err()
+	return l, sc.Err()
 }
 
-var ownedPrefixes = []string{"KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"}
+// prepareLocalnet runs at a process's first sync of IPv4, before anything
+// is written. With localhost NodePorts on, it decides whether the guard
+// records that miniproxy turns route_localnet on: it does if a previous run
+// recorded it, or if route_localnet is 0 now. With them off, a guard a
+// previous run left is retired (retireLocalnet).
+func (b *Backend) prepareLocalnet(ctx context.Context, fs *familyState, filter listing) {
+	if fs.tools.sysctlLocalnet == "" {
+		return
+	}
+	if fs.r.localhostNodePorts() {
+		if filter.localnetRecord {
+			fs.r.RouteLocalnetSet = true
+			return
+		}
+		v, err := b.sysctl(ctx, fs)
+		fs.r.RouteLocalnetSet = err == nil && v == "0"
+		return
+	}
+	if !slices.Contains(filter.owned, ChainLocalnetGuard) {
+		return
+	}
+	if b.retireLocalnet(ctx, fs, filter.localnetRecord) {
+		// It must stay while route_localnet is on: keep it out of the stale set.
+		delete(fs.leftover[Filter], ChainLocalnetGuard)
+		return
+	}
+	// The hooks go first, or the chain could not be deleted.
+	b.deleteHooks(ctx, fs, localnetGuardHooks())
+}
 
-func ownedChain(name string) bool {
-	for _, p := range ownedPrefixes {
-		if strings.HasPrefix(name, p) {
+// retireLocalnet is called before the localnet guard is removed, by a sync
+// that no longer needs it or by --cleanup. The guard may only go if
+// route_localnet goes back to 0 (CVE-2020-8558): if miniproxy recorded
+// turning it on, it is turned off first; if someone else turned it on, the
+// guard stays. It reports whether the guard must stay.
+func (b *Backend) retireLocalnet(ctx context.Context, fs *familyState, recorded bool) (keep bool) {
+	if recorded {
+		if _, err := b.run(ctx, "", "sysctl", "-q", "-w", fs.tools.sysctlLocalnet+"=0"); err != nil {
+			b.log.Warn("cannot restore route_localnet=0; keeping the localnet guard", "chain", ChainLocalnetGuard, "err", err)
 			return true
 		}
+		b.log.Info("restored route_localnet=0, which miniproxy had turned on; removing the localnet guard", "chain", ChainLocalnetGuard)
+		return false
 	}
-	switch name {
-	case ChainServices, ChainNodePorts, ChainNodePortDispatch, ChainPostrouting, ChainMarkMasq,
-		ChainExternalServices, ChainFirewall, ChainLocalnetGuard:
+	v, err := b.sysctl(ctx, fs)
+	if err != nil || v != "0" {
+		b.log.Warn("route_localnet was not turned on by miniproxy and stays on: keeping the localnet guard (CVE-2020-8558)",
+			"route_localnet", v, "chain", ChainLocalnetGuard, "err", err)
 		return true
 	}
 	return false
 }
 
-// Cleanup implements proxy.Backend: it removes the hooks and every chain of
-// miniproxy's naming scheme, and nothing else.
+// sysctl reads route_localnet in the namespace the commands run in.
+func (b *Backend) sysctl(ctx context.Context, fs *familyState) (string, error) {
+	out, err := b.run(ctx, "", "sysctl", "-n", fs.tools.sysctlLocalnet)
+	return strings.TrimSpace(string(out)), err
+}
+
+// Cleanup implements proxy.Backend: it removes the hooks and every chain
+// miniproxy owns (ownedChain), and nothing else. The localnet guard goes
+// only if route_localnet goes back to 0 (retireLocalnet).
 func (b *Backend) Cleanup(ctx context.Context) error {
 	var errs []error
 	for _, fs := range b.families {
-		base := fs.r.RenderBase(model.Node{})
-		hooks := base.Hooks
-		// The localhost guard hook may exist even if this config would not create it.
-		hooks = append(hooks, Hook{Filter, "INPUT", []string{"-j", ChainLocalnetGuard}}, Hook{Filter, "OUTPUT", []string{"-j", ChainLocalnetGuard}})
-		for _, h := range hooks {
-			for i := 0; i < 10; i++ { // bounded: a hook is never inserted more than once, but be safe
-				args := append([]string{"-w", "5", "-t", string(h.Table), "-D", h.Chain}, h.Args...)
-				if _, err := b.run(ctx, "", fs.tools.iptables, args...); err != nil {
-					break
-				}
-			}
-		}
 		t := newRestoreText()
+		keepGuard := false
 		for _, table := range []Table{NAT, Filter} {
-			names, err := b.listChains(ctx, fs, table)
+			l, err := b.list(ctx, fs, table, false)
 			if err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			for _, n := range names {
-				if ownedChain(n) {
+			if table == Filter && fs.tools.sysctlLocalnet != "" && slices.Contains(l.owned, ChainLocalnetGuard) {
+				keepGuard = b.retireLocalnet(ctx, fs, l.localnetRecord)
+			}
+			for _, n := range l.owned {
+				if !(keepGuard && table == Filter && n == ChainLocalnetGuard) {
 					t.drop(table, n)
 				}
 			}
 		}
+		// The hooks of this config, and the guard's whatever this config
+		// says (a previous run may have had localhost NodePorts on).
+		var hooks []Hook
+		for _, h := range fs.r.RenderBase(model.Node{}).Hooks {
+			if h.Args[len(h.Args)-1] != ChainLocalnetGuard {
+				hooks = append(hooks, h)
+			}
+		}
+		if fs.tools.sysctlLocalnet != "" && !keepGuard {
+			hooks = append(hooks, localnetGuardHooks()...)
+		}
+		b.deleteHooks(ctx, fs, hooks)
 		if t.empty() {
 			continue
 		}
-		if err := b.restore(ctx, fs, t.String()); err != nil {
+		if err := b.restoreDropping(ctx, fs, t); err != nil {
 			errs = append(errs, fmt.Errorf("IPv%d cleanup: %w", fs.r.Family, err))
 		}
 	}

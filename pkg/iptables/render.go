@@ -18,6 +18,45 @@
 // That lets a partial sync add and delete exactly the dispatch rules of the
 // Services that changed (-A / -D) instead of rewriting a chain that holds one
 // rule per Service: the work of one change does not grow with the cluster.
+//
+// # What miniproxy owns
+//
+// A node's netfilter tables are shared with kubelet, the CNI, Docker,
+// firewalls and (before a takeover) kube-proxy. miniproxy owns exactly:
+//
+//   - Tables: none. It writes into the built-in nat and filter tables of
+//     iptables (IPv4) and ip6tables (IPv6) and never creates, flushes or
+//     deletes a table.
+//   - Chains (ownedChain): in nat KUBE-SERVICES, KUBE-NODEPORTS,
+//     KUBE-NODEPORTS-DISPATCH, KUBE-POSTROUTING, KUBE-MARK-MASQ and every
+//     chain named KUBE-SVC-*, KUBE-SVL-*, KUBE-EXT-*, KUBE-FW-*, KUBE-SEP-*;
+//     in filter KUBE-SERVICES, KUBE-EXTERNAL-SERVICES, KUBE-PROXY-FIREWALL,
+//     KUBE-NODEPORTS and (IPv4 only) MINIPROXY-LOCALNET. Every rule inside
+//     them is miniproxy's: a sync flushes and rewrites them. The KUBE- names
+//     are kube-proxy's on purpose (same layout, same debugging habits), so
+//     kube-proxy's chains of these names are treated as miniproxy's.
+//   - Hooks: the jump rules of RenderBase's Hooks in the built-in chains
+//     (PREROUTING, INPUT, FORWARD, OUTPUT, POSTROUTING), identified by their
+//     full text (comment and target); they are checked with -C and inserted
+//     with -I, never by rewriting a built-in chain. No other rule of a
+//     built-in chain is ever touched.
+//   - The sysctl net.ipv4.conf.all.route_localnet of the namespace it runs
+//     in, set to 1 for NodePorts on 127.0.0.1; whether miniproxy changed it
+//     from 0 is recorded in the kernel, as a comment rule in
+//     MINIPROXY-LOCALNET, so that a later --cleanup can restore it.
+//
+// Everything else is someone else's and is never flushed or deleted: in
+// particular KUBE-FIREWALL (kubelet's and kube-proxy's localnet guard),
+// KUBE-KUBELET-CANARY, KUBE-PROXY-CANARY, KUBE-FORWARD, Docker's and CNIs'
+// chains. miniproxy's own localnet guard has its own name for that reason:
+// kubelet and kube-proxy jump to KUBE-FIREWALL from INPUT and OUTPUT, so a
+// miniproxy that deleted "its" KUBE-FIREWALL when it did not need the guard
+// failed every sync (CHAIN_DEL: busy), and one that flushed it rewrote
+// kubelet's rules. Two guards with the same DROP rule are harmless.
+//
+// Someone else's object never makes a sync fail: a chain of ours that a
+// sync or --cleanup deletes but that someone else's rule still jumps to is
+// emptied and kept, and the log names it (restoreDropping).
 package iptables
 
 import (
@@ -39,9 +78,44 @@ const (
 	ChainMarkMasq         = "KUBE-MARK-MASQ"
 	ChainExternalServices = "KUBE-EXTERNAL-SERVICES"
 	ChainFirewall         = "KUBE-PROXY-FIREWALL"
-	ChainLocalnetGuard    = "KUBE-FIREWALL"
-	chainPrefix           = "KUBE-"
+	// ChainLocalnetGuard drops packets to 127/8 from off the node when
+	// route_localnet is on (CVE-2020-8558). Not KUBE-FIREWALL: that chain
+	// is kubelet's and kube-proxy's (see the package doc).
+	ChainLocalnetGuard = "MINIPROXY-LOCALNET"
+	chainPrefix        = "KUBE-"
 )
+
+// localnetRecord is the comment of the rule in ChainLocalnetGuard that says
+// miniproxy turned route_localnet on (it was 0). The record lives in the
+// kernel because the namespace's sysctl does too: a --cleanup process, or a
+// restart with another config, reads it there.
+const localnetRecord = "miniproxy set route_localnet=1 (was 0)"
+
+// ownedPrefixes are the per-Service chains, all in the nat table.
+var ownedPrefixes = []string{"KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"}
+
+// ownedChain reports whether table/name is miniproxy's (the package doc's
+// list). Only such chains are ever declared, flushed or deleted.
+func ownedChain(table Table, name string) bool {
+	switch table {
+	case NAT:
+		for _, p := range ownedPrefixes {
+			if strings.HasPrefix(name, p) {
+				return true
+			}
+		}
+		switch name {
+		case ChainServices, ChainNodePorts, ChainNodePortDispatch, ChainPostrouting, ChainMarkMasq:
+			return true
+		}
+	case Filter:
+		switch name {
+		case ChainServices, ChainExternalServices, ChainFirewall, ChainNodePorts, ChainLocalnetGuard:
+			return true
+		}
+	}
+	return false
+}
 
 // Table is an iptables table name.
 type Table string
@@ -87,6 +161,9 @@ type Base struct {
 type Renderer struct {
 	Cfg    proxy.Config
 	Family model.Family
+	// RouteLocalnetSet means miniproxy turned route_localnet on in this
+	// namespace: the localnet guard chain then carries localnetRecord.
+	RouteLocalnetSet bool
 }
 
 func (r *Renderer) host(a netip.Addr) string {
@@ -146,14 +223,23 @@ func (r *Renderer) RenderBase(node model.Node) Base {
 	if r.localhostNodePorts() {
 		// CVE-2020-8558: with route_localnet on, drop packets to 127/8 that
 		// arrive from off the node and were not DNATed to a NodePort.
-		chains = append(chains, Chain{Filter, ChainLocalnetGuard, []string{
+		rules := []string{
 			fmt.Sprintf(`-A %s -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP`, ChainLocalnetGuard),
-		}})
-		hooks = append(hooks,
-			Hook{Filter, "INPUT", []string{"-j", ChainLocalnetGuard}},
-			Hook{Filter, "OUTPUT", []string{"-j", ChainLocalnetGuard}})
+		}
+		if r.RouteLocalnetSet {
+			// A rule without a target: it only carries the record.
+			rules = append(rules, fmt.Sprintf(`-A %s -m comment --comment %q`, ChainLocalnetGuard, localnetRecord))
+		}
+		chains = append(chains, Chain{Filter, ChainLocalnetGuard, rules})
+		hooks = append(hooks, localnetGuardHooks()...)
 	}
 	return Base{Chains: chains, Hooks: hooks}
+}
+
+// localnetGuardHooks are the jumps into ChainLocalnetGuard.
+func localnetGuardHooks() []Hook {
+	args := []string{"-m", "comment", "--comment", "miniproxy localnet guard", "-j", ChainLocalnetGuard}
+	return []Hook{{Filter, "INPUT", args}, {Filter, "OUTPUT", args}}
 }
 
 func (r *Renderer) nodePortDispatch(node model.Node) []string {

@@ -150,8 +150,93 @@ func TestGolden(t *testing.T) {
 			if fam == 0 {
 				fam = model.IPv4
 			}
-			golden(t, tc.name, renderText(t, c, fam, mt.Snap(tc.ports...)))
+			text := renderText(t, c, fam, mt.Snap(tc.ports...))
+			golden(t, tc.name, text)
+			r := &Renderer{Cfg: c, Family: fam}
+			checkOwned(t, text, r.RenderBase(mt.Node).Hooks)
 		})
+	}
+}
+
+// checkOwned holds the renderer to the package doc's ownership list: every
+// chain it declares or writes into, and every chain a hook or rule jumps to,
+// is one miniproxy owns (or a built-in target).
+func checkOwned(t *testing.T, text string, hooks []Hook) {
+	t.Helper()
+	table := Table("")
+	targets := map[string]bool{"ACCEPT": true, "DROP": true, "RETURN": true, "REJECT": true, "DNAT": true, "MARK": true, "MASQUERADE": true}
+	jump := func(where string, f []string) {
+		for i := 0; i+1 < len(f); i++ {
+			if (f[i] == "-j" || f[i] == "-g") && !targets[f[i+1]] && !ownedChain(table, f[i+1]) {
+				t.Errorf("%s jumps to %s/%s, which miniproxy does not own", where, table, f[i+1])
+			}
+		}
+	}
+	for _, line := range strings.Split(text, "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) == 0 || line == "COMMIT":
+		case strings.HasPrefix(line, "*"):
+			table = Table(line[1:])
+		case strings.HasPrefix(line, ":"):
+			if name := f[0][1:]; !ownedChain(table, name) {
+				t.Errorf("declares (flushes) %s/%s, which miniproxy does not own", table, name)
+			}
+		case f[0] == "-A" || f[0] == "-D" || f[0] == "-X":
+			if !ownedChain(table, f[1]) {
+				t.Errorf("%s in %s/%s, which miniproxy does not own: %s", f[0], table, f[1], line)
+			}
+			jump(line, f)
+		default:
+			t.Errorf("unexpected line %q", line)
+		}
+	}
+	for _, h := range hooks {
+		table = h.Table
+		jump(fmt.Sprintf("hook %s/%s", h.Table, h.Chain), h.Args)
+	}
+}
+
+// TestOwnedChain: the ownership list, including the chains other software
+// keeps under similar names, which miniproxy must never flush or delete.
+func TestOwnedChain(t *testing.T) {
+	for _, tc := range []struct {
+		table Table
+		name  string
+		want  bool
+	}{
+		{NAT, "KUBE-SERVICES", true}, {Filter, "KUBE-SERVICES", true},
+		{NAT, "KUBE-SVC-ABC", true}, {NAT, "KUBE-SEP-ABC", true}, {NAT, "KUBE-EXT-ABC", true},
+		{NAT, "KUBE-FW-ABC", true}, {NAT, "KUBE-SVL-ABC", true},
+		{NAT, "KUBE-NODEPORTS-DISPATCH", true}, {NAT, "KUBE-MARK-MASQ", true}, {NAT, "KUBE-POSTROUTING", true},
+		{Filter, "KUBE-PROXY-FIREWALL", true}, {Filter, "KUBE-EXTERNAL-SERVICES", true}, {Filter, "KUBE-NODEPORTS", true},
+		{Filter, ChainLocalnetGuard, true},
+		// Per-Service chains live in nat only.
+		{Filter, "KUBE-SVC-ABC", false}, {Filter, "KUBE-MARK-MASQ", false},
+		// Others': kubelet, kube-proxy, Docker, CNIs.
+		{Filter, "KUBE-FIREWALL", false}, {NAT, "KUBE-FIREWALL", false},
+		{Filter, "KUBE-KUBELET-CANARY", false}, {NAT, "KUBE-KUBELET-CANARY", false}, {NAT, "KUBE-PROXY-CANARY", false},
+		{Filter, "KUBE-FORWARD", false}, {NAT, "KUBE-MARK-DROP", false}, {NAT, "KUBE-LOAD-BALANCER", false},
+		{Filter, "DOCKER", false}, {Filter, "DOCKER-USER", false}, {NAT, "CNI-0123", false}, {Filter, "INPUT", false},
+		{Table("mangle"), "KUBE-SERVICES", false},
+	} {
+		if got := ownedChain(tc.table, tc.name); got != tc.want {
+			t.Errorf("ownedChain(%s, %s) = %v, want %v", tc.table, tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestLocalnetRecord: the guard carries the route_localnet record only when
+// miniproxy turned route_localnet on, and stays owned either way.
+func TestLocalnetRecord(t *testing.T) {
+	for _, set := range []bool{false, true} {
+		r := &Renderer{Cfg: cfg(), Family: model.IPv4, RouteLocalnetSet: set}
+		base := r.RenderBase(mt.Node)
+		text := renderFull(r, mt.Snap(), base, nil, 0).final.String()
+		checkOwned(t, text, base.Hooks)
+		if got := strings.Contains(text, `-A MINIPROXY-LOCALNET -m comment --comment "`+localnetRecord+`"`); got != set {
+			t.Errorf("RouteLocalnetSet=%v: record in the guard %v:\n%s", set, got, text)
+		}
 	}
 }
 

@@ -32,7 +32,28 @@ func (t *restoreText) chain(c Chain) {
 // drop flushes and deletes a chain that is no longer wanted.
 func (t *restoreText) drop(table Table, name string) {
 	t.declare[table] = append(t.declare[table], ":"+name+" - [0:0]")
-	t.remove[table] = append(t.remove[table], "-X "+name)
+	t.remove[table] = append(t.remove[table], name)
+}
+
+// keep takes names off the chains to delete; they are still flushed.
+func (t *restoreText) keep(table Table, names map[string]bool) {
+	var rest []string
+	for _, n := range t.remove[table] {
+		if !names[n] {
+			rest = append(rest, n)
+		}
+	}
+	t.remove[table] = rest
+}
+
+// declared reports the chains this text declares (and so flushes) in table.
+func (t *restoreText) declared(table Table) map[string]bool {
+	out := make(map[string]bool, len(t.declare[table]))
+	for _, d := range t.declare[table] {
+		name, _, _ := strings.Cut(strings.TrimPrefix(d, ":"), " ")
+		out[name] = true
+	}
+	return out
 }
 
 func (t *restoreText) empty() bool {
@@ -54,7 +75,7 @@ func (t *restoreText) String() string {
 	for _, m := range []map[Table][]string{t.declare, t.deletes, t.rules, t.remove} {
 		for _, lines := range m {
 			for _, l := range lines {
-				size += len(l) + 1
+				size += len(l) + 4
 			}
 		}
 	}
@@ -67,12 +88,16 @@ func (t *restoreText) String() string {
 		b.WriteString("*" + string(table) + "\n")
 		decl := append([]string(nil), t.declare[table]...)
 		sort.Strings(decl)
-		for _, sec := range [][]string{decl, t.deletes[table], t.rules[table], t.remove[table]} {
+		for _, sec := range [][]string{decl, t.deletes[table], t.rules[table]} {
 			for _, l := range sec {
 				b.WriteString(l)
 				b.WriteByte('\n')
 				t.lines++
 			}
+		}
+		for _, name := range t.remove[table] {
+			b.WriteString("-X " + name + "\n")
+			t.lines++
 		}
 		b.WriteString("COMMIT\n")
 	}

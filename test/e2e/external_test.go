@@ -323,7 +323,8 @@ func TestNodePortAddresses(t *testing.T) {
 
 // TestNodePortLocalhost: in iptables mode a NodePort answers on 127.0.0.1
 // from the node itself, with kube-proxy's guard (route_localnet inside the
-// node namespace and the KUBE-FIREWALL martian drop, CVE-2020-8558).
+// node namespace and the martian drop in miniproxy's MINIPROXY-LOCALNET,
+// CVE-2020-8558; kubelet's KUBE-FIREWALL is not miniproxy's).
 // nftables mode has no localhost NodePorts, like kube-proxy's nftables mode.
 func TestNodePortLocalhost(t *testing.T) {
 	suite.ForEachMode(t, "NodePort on 127.0.0.1 from the node (route_localnet guard)", func(t *testing.T, me *framework.ModeEnv, row *framework.Row) {
@@ -361,16 +362,16 @@ func TestNodePortLocalhost(t *testing.T) {
 		}
 		var guard, hook bool
 		for _, l := range strings.Split(rules, "\n") {
-			if strings.HasPrefix(l, "-A KUBE-FIREWALL ") && strings.Contains(l, "-d 127.0.0.0/8") && strings.Contains(l, "! -s 127.0.0.0/8") &&
+			if strings.HasPrefix(l, "-A MINIPROXY-LOCALNET ") && strings.Contains(l, "-d 127.0.0.0/8") && strings.Contains(l, "! -s 127.0.0.0/8") &&
 				strings.Contains(l, "! --ctstate RELATED,ESTABLISHED,DNAT") && strings.HasSuffix(strings.TrimSpace(l), "-j DROP") {
 				guard = true
 			}
-			if strings.HasPrefix(l, "-A INPUT ") && strings.HasSuffix(strings.TrimSpace(l), "-j KUBE-FIREWALL") {
+			if strings.HasPrefix(l, "-A INPUT ") && strings.HasSuffix(strings.TrimSpace(l), "-j MINIPROXY-LOCALNET") {
 				hook = true
 			}
 		}
 		if !guard || !hook {
-			t.Errorf("node %s: martian guard missing (KUBE-FIREWALL drop of 127/8 from non-loopback sources: %v; INPUT → KUBE-FIREWALL: %v)", node.Name, guard, hook)
+			t.Errorf("node %s: martian guard missing (MINIPROXY-LOCALNET drop of 127/8 from non-loopback sources: %v; INPUT → MINIPROXY-LOCALNET: %v)", node.Name, guard, hook)
 		}
 		row.Note("")
 	})
