@@ -188,10 +188,13 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 
 	tracker := watch.NewTracker(log.With("component", "watch"), "")
 	cleaner := newConntrackCleaner(log, o)
+	conflicts := &conflictReporter{log: log.With("component", "frontends"), m: m, rec: newEventRecorder(ctx, client),
+		node: o.nodeName, service: tracker.Service}
 	var prev *model.Snapshot
 	syncFn := func(ctx context.Context, full bool) error {
 		start := time.Now()
 		snap, pending := tracker.Snapshot()
+		conflicts.report(pending.Conflicts)
 		m.ServiceChanges.Add(float64(pending.ServiceChanges))
 		m.EndpointChanges.Add(float64(pending.EndpointChanges))
 		res, err := backend.Sync(ctx, snap, full)
