@@ -94,3 +94,20 @@ func TestServicePortsDuplicatePortName(t *testing.T) {
 		t.Fatalf("ports %v warnings %v err %v; want the first port only, with a warning", ports, warnings, err)
 	}
 }
+
+// TestStripForCacheKeepsServiceAge: the informer cache keeps what the
+// frontend rule and its Event need (found missing by the e2e test: without
+// it every Service had the zero time and the name decided).
+func TestStripForCacheKeepsServiceAge(t *testing.T) {
+	in := lbSvc("s", "172.30.0.1", "198.51.100.1", 5)
+	in.UID = "u-1"
+	in.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "m"}}
+	obj, err := newInterner().stripForCache(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := obj.(*v1.Service)
+	if !out.CreationTimestamp.Equal(&in.CreationTimestamp) || out.UID != "u-1" || out.ManagedFields != nil {
+		t.Errorf("stripped Service: created %v uid %q managed %v", out.CreationTimestamp, out.UID, out.ManagedFields)
+	}
+}
