@@ -136,8 +136,8 @@ type FrontendChanges struct {
 // Update, by pointer) and adds those of new, then re-decides every frontend
 // either touched. The ports are never modified.
 func (x *Frontends) Update(old, new []*ServicePort) FrontendChanges {
-	keys := map[Frontend]bool{}
-	touched := map[ServicePortName]*ServicePort{}
+	keys := make(map[Frontend]bool, len(old)+len(new))
+	touched := make(map[ServicePortName]*ServicePort, len(old)+len(new))
 	for _, sp := range old {
 		for _, pc := range claimsOf(sp) {
 			x.remove(pc.f, sp)
@@ -155,11 +155,12 @@ func (x *Frontends) Update(old, new []*ServicePort) FrontendChanges {
 		touched[sp.Name] = sp
 	}
 	// Who wins a ClusterIP decides whether its claimants' other frontends
-	// of that family count at all, so those are re-decided too.
+	// of that family count at all, so those are re-decided too (a new
+	// port's own frontends are touched already).
 	var more []Frontend
 	for f := range keys {
 		for _, c := range x.claims[f] {
-			if c.kind == ClusterIPFrontend {
+			if c.kind == ClusterIPFrontend && touched[c.sp.Name] != c.sp {
 				for _, pc := range claimsOf(c.sp) {
 					more = append(more, pc.f)
 				}
@@ -175,23 +176,8 @@ func (x *Frontends) Update(old, new []*ServicePort) FrontendChanges {
 		}
 	}
 
-	var ch FrontendChanges
-	names := make([]ServicePortName, 0, len(touched))
-	for n := range touched {
-		names = append(names, n)
-	}
-	// Sorted so reports come in a stable order.
-	slices.SortFunc(names, func(a, b ServicePortName) int {
-		if a.Less(b) {
-			return -1
-		}
-		if b.Less(a) {
-			return 1
-		}
-		return 0
-	})
-	for _, name := range names {
-		sp := touched[name]
+	ch := FrontendChanges{Effective: make([]*ServicePort, 0, len(touched))}
+	for name, sp := range touched {
 		prev := x.adjusted[name]
 		var prevConflicts []Conflict
 		if prev != nil {
@@ -221,6 +207,9 @@ func (x *Frontends) Update(old, new []*ServicePort) FrontendChanges {
 			ch.Effective = append(ch.Effective, eff)
 		}
 	}
+	// Reports in a stable order.
+	sortConflicts(ch.Appeared)
+	sortConflicts(ch.Resolved)
 	ch.Current = x.current
 	return ch
 }
@@ -231,7 +220,12 @@ func (x *Frontends) Conflicts() []Conflict {
 	for _, a := range x.adjusted {
 		out = append(out, a.conflicts...)
 	}
-	slices.SortFunc(out, func(a, b Conflict) int {
+	sortConflicts(out)
+	return out
+}
+
+func sortConflicts(cs []Conflict) {
+	slices.SortFunc(cs, func(a, b Conflict) int {
 		if a.Loser != b.Loser {
 			if a.Loser.Less(b.Loser) {
 				return -1
@@ -240,7 +234,6 @@ func (x *Frontends) Conflicts() []Conflict {
 		}
 		return compareFrontend(a.Frontend, b.Frontend)
 	})
-	return out
 }
 
 // Resolve applies the frontend rule to a complete set of declared ports:

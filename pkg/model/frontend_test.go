@@ -5,7 +5,9 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
+	"runtime"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -394,6 +396,12 @@ func TestFrontendIncrementalMatchesScratch(t *testing.T) {
 	}
 }
 
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 func declaredOf(m map[int]*model.ServicePort, n model.ServicePortName) *model.ServicePort {
 	for _, sp := range m {
 		if sp.Name == n {
@@ -417,5 +425,63 @@ func TestFrontendDedupLeavesCleanPortsAlone(t *testing.T) {
 	}
 	if len(conflicts) != 0 {
 		t.Fatal(conflicts)
+	}
+}
+
+// benchPorts are n Services with a ClusterIP, a NodePort for every 10th and
+// an LB IP for every 5th, no two sharing a frontend.
+func benchPorts(n int) []*model.ServicePort {
+	out := make([]*model.ServicePort, n)
+	for i := range n {
+		sp := svc("ns", fmt.Sprint(i), netip.AddrFrom4([4]byte{172, 30, byte(i >> 8), byte(i)}).String(), i, nil)
+		if i%10 == 0 {
+			sp.NodePort = int32(30000 + i/10)
+		}
+		if i%5 == 0 {
+			sp.LoadBalancerIPs = []netip.Addr{netip.AddrFrom4([4]byte{198, 51, byte(i >> 8), byte(i)})}
+		}
+		out[i] = sp
+	}
+	return out
+}
+
+// BenchmarkFrontends: the cold start (every port at once) and one changed
+// port among n, which must cost about the same whatever n is.
+func BenchmarkFrontends(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		ports := benchPorts(n)
+		b.Run(fmt.Sprintf("cold/%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			start := cpuTime()
+			for b.Loop() {
+				model.NewFrontends().Update(nil, ports)
+			}
+			// This machine is shared; CPU time says more than wall time.
+			b.ReportMetric(float64((cpuTime()-start).Microseconds())/float64(b.N)/1000, "cpu-ms/op")
+		})
+		b.Run(fmt.Sprintf("one-change/%d", n), func(b *testing.B) {
+			x := model.NewFrontends()
+			x.Update(nil, ports)
+			cur := ports[n/2]
+			b.ReportAllocs()
+			for b.Loop() {
+				next := *cur
+				x.Update([]*model.ServicePort{cur}, []*model.ServicePort{&next})
+				cur = &next
+			}
+		})
+		b.Run(fmt.Sprintf("index-heap/%d", n), func(b *testing.B) {
+			for b.Loop() {
+				runtime.GC()
+				var m0, m1 runtime.MemStats
+				runtime.ReadMemStats(&m0)
+				x := model.NewFrontends()
+				x.Update(nil, ports)
+				runtime.GC()
+				runtime.ReadMemStats(&m1)
+				b.ReportMetric(float64(m1.HeapAlloc-m0.HeapAlloc)/float64(n), "B/port")
+				runtime.KeepAlive(x)
+			}
+		})
 	}
 }
