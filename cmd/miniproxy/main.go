@@ -187,9 +187,12 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 
 	tracker := watch.NewTracker(log.With("component", "watch"), "")
 	ctReconciler := newConntrackReconciler(log, o, m)
+	conflicts := &conflictReporter{log: log.With("component", "frontends"), m: m, rec: newEventRecorder(ctx, client),
+		node: o.nodeName, service: tracker.Service}
 	syncFn := func(ctx context.Context, full bool) error {
 		start := time.Now()
 		snap, pending := tracker.Snapshot()
+		conflicts.report(pending.Conflicts)
 		m.ServiceChanges.Add(float64(pending.ServiceChanges))
 		m.EndpointChanges.Add(float64(pending.EndpointChanges))
 		res, err := backend.Sync(ctx, snap, full)

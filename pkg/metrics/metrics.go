@@ -77,6 +77,13 @@ type Metrics struct {
 	// and pass, the deleted-entries counter added to by the same pass.
 	ConntrackReconcileDuration *prometheus.HistogramVec
 	ConntrackDeletedEntries    *prometheus.CounterVec
+
+	// FrontendConflicts is the number of frontends (address, protocol, port)
+	// a service port claims but does not get because another one owns it
+	// (model.Frontends); FrontendConflictsTotal counts each such conflict
+	// once, when it begins. Alert on the gauge; the counter shows churn.
+	FrontendConflicts      prometheus.Gauge
+	FrontendConflictsTotal prometheus.Counter
 }
 
 // New creates the metrics and registers them on reg.
@@ -141,12 +148,23 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name:      "service_ports",
 			Help:      "Number of service ports in the last successfully synced snapshot",
 		}),
+		FrontendConflicts: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "miniproxy",
+			Name:      "service_frontend_conflicts",
+			Help:      "Frontends (IP, protocol, port) claimed by a service port that another one owns; the loser's claim is not programmed",
+		}),
+		FrontendConflictsTotal: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "miniproxy",
+			Name:      "service_frontend_conflicts_total",
+			Help:      "Cumulative frontend conflicts, each counted once when it begins",
+		}),
 	}
 	for _, c := range []prometheus.Collector{
 		m.SyncDuration, m.SyncFullDuration, m.SyncPartialDuration,
 		m.LastSyncTimestamp, m.LastQueuedTimestamp, m.NetworkProgrammingDuration,
 		m.ServiceChanges, m.EndpointChanges, m.IPTablesRestoreFailures,
 		m.SyncFailures, m.ServicePorts,
+		m.FrontendConflicts, m.FrontendConflictsTotal,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("registering metrics: %w", err)

@@ -4,6 +4,18 @@
 //
 // Everything here is plain data. Nothing talks to the apiserver or the kernel, so
 // every backend renders from the same answers and the modes cannot drift apart.
+//
+// Frontends are owned by one service port each. A frontend is what a backend
+// dispatches on (address . protocol . port, or protocol . NodePort). Two
+// Services may list the same externalIP or load-balancer IP on the same port
+// and protocol, or one Service may list another's ClusterIP; rendered as is,
+// that is two map elements with one key, which the kernel refuses for the
+// whole nftables batch, and "the first rule wins" in iptables and IPVS. The
+// Frontends index decides, before any backend renders: a ClusterIP always
+// wins, otherwise the older Service (creationTimestamp), ties by namespace,
+// name, port name. The loser's port is copied without the lost address and
+// keeps everything else; the conflicts come back as data for the caller to
+// report. A Snapshot built by pkg/watch therefore never holds a frontend twice.
 package model
 
 import (
@@ -13,6 +25,7 @@ import (
 	"net/netip"
 	"sort"
 	"strings"
+	"time"
 )
 
 // Protocol is an L4 protocol a Service port can use.
@@ -120,6 +133,9 @@ type ServicePort struct {
 	PreferClose bool
 	// Endpoints are sorted by IP then port and deduplicated.
 	Endpoints []Endpoint
+	// Created is the Service's creationTimestamp: when two Services claim
+	// one frontend, the older one wins (see Frontends).
+	Created time.Time
 }
 
 // HasExternal reports whether the port receives traffic from outside the

@@ -117,6 +117,7 @@ func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort,
 		(*svc.Spec.TrafficDistribution == v1.ServiceTrafficDistributionPreferClose || *svc.Spec.TrafficDistribution == "PreferSameZone")
 	exposesNodePort := svc.Spec.Type == v1.ServiceTypeNodePort || svc.Spec.Type == v1.ServiceTypeLoadBalancer
 
+	seenPort := map[model.ServicePortName]bool{}
 	for _, p := range svc.Spec.Ports {
 		proto := model.Protocol(p.Protocol)
 		if proto == "" {
@@ -132,8 +133,17 @@ func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort,
 			warnings = append(warnings, fmt.Sprintf("port %q: invalid port %d", p.Name, p.Port))
 			continue
 		}
+		name := model.ServicePortName{Namespace: svc.Namespace, Name: svc.Name, Port: p.Name, Protocol: proto}
+		if seenPort[name] {
+			// The API forbids it; a second port with one name would
+			// replace the first in the snapshot, in map order.
+			warnings = append(warnings, fmt.Sprintf("port %q/%s listed twice; the first is used", p.Name, proto))
+			continue
+		}
+		seenPort[name] = true
 		sp := &model.ServicePort{
-			Name:                     model.ServicePortName{Namespace: svc.Namespace, Name: svc.Name, Port: p.Name, Protocol: proto},
+			Name:                     name,
+			Created:                  svc.CreationTimestamp.Time,
 			ClusterIPs:               clusterIPs,
 			Port:                     p.Port,
 			Protocol:                 proto,

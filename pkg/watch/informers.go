@@ -95,6 +95,9 @@ func (in *interner) stripForCache(obj any) (any, error) {
 		return in.slice(o), nil
 	case *Slice:
 		return o, nil // transformed already (a relist may pass it again)
+	case *v1.Service:
+		keepLabels(o, LabelServiceProxyName, LabelHeadless)
+		return in.service(o), nil
 	}
 	m, ok := obj.(metav1.ObjectMetaAccessor)
 	if !ok {
@@ -106,9 +109,6 @@ func (in *interner) stripForCache(obj any) (any, error) {
 	meta.SetUID("")
 	meta.SetGenerateName("")
 	switch o := obj.(type) {
-	case *v1.Service:
-		keepLabels(meta, LabelServiceProxyName, LabelHeadless)
-		return in.service(o), nil
 	case *v1.Node:
 		// Only name, labels (zone) and addresses are read; images and
 		// conditions are a few KB per update.
@@ -126,7 +126,10 @@ func (in *interner) stripForCache(obj any) (any, error) {
 // were about 1.1 KB each.
 func (in *interner) service(o *v1.Service) *v1.Service {
 	sp := &o.Spec
-	s := &v1.Service{ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, Labels: o.Labels}}
+	// creationTimestamp orders Services that claim one frontend
+	// (model.Frontends); the UID lets an Event about one find it.
+	s := &v1.Service{ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, Labels: o.Labels,
+		UID: o.UID, CreationTimestamp: o.CreationTimestamp}}
 	s.Spec = v1.ServiceSpec{
 		Type:                     v1.ServiceType(in.str(string(sp.Type))),
 		ClusterIP:                sp.ClusterIP,

@@ -35,6 +35,10 @@ type Tracker struct {
 	gen      uint64
 	pending  Pending
 	nodeSeen bool
+
+	// frontends gives every frontend one owner (model.Frontends); built
+	// holds the declared ports, the snapshots the effective ones.
+	frontends *model.Frontends
 }
 
 // Pending counts the changes consumed by one Snapshot call, for metrics.
@@ -46,6 +50,9 @@ type Pending struct {
 	TriggerTimes []time.Time
 	// Oldest is when the oldest consumed change was recorded (zero if none).
 	Oldest time.Time
+	// Conflicts are the frontend conflicts that began or ended in this
+	// snapshot, each reported once, and how many are in force.
+	Conflicts model.FrontendChanges
 }
 
 // NewTracker returns an empty tracker. proxyName is this proxy's
@@ -58,7 +65,16 @@ func NewTracker(log *slog.Logger, proxyName string) *Tracker {
 		slices:    map[types.NamespacedName][]*Slice{},
 		dirty:     map[types.NamespacedName]bool{},
 		built:     map[types.NamespacedName][]*model.ServicePort{},
+		frontends: model.NewFrontends(),
 	}
+}
+
+// Service returns the recorded Service object, or nil (for reporting, e.g.
+// an Event about a frontend conflict).
+func (t *Tracker) Service(key types.NamespacedName) *v1.Service {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.services[key]
 }
 
 func (t *Tracker) noteLocked(now time.Time) {
@@ -78,7 +94,8 @@ func (t *Tracker) SetService(key types.NamespacedName, svc *v1.Service) {
 		}
 		delete(t.services, key)
 	} else {
-		if had && reflect.DeepEqual(old.Spec, svc.Spec) && reflect.DeepEqual(old.Status, svc.Status) && reflect.DeepEqual(old.Labels, svc.Labels) {
+		if had && reflect.DeepEqual(old.Spec, svc.Spec) && reflect.DeepEqual(old.Status, svc.Status) && reflect.DeepEqual(old.Labels, svc.Labels) &&
+			old.CreationTimestamp.Equal(&svc.CreationTimestamp) {
 			return
 		}
 		t.services[key] = svc
@@ -164,10 +181,12 @@ func (t *Tracker) Snapshot() (*model.Snapshot, Pending) {
 	} else {
 		services = make(map[model.ServicePortName]*model.ServicePort, len(t.services)*2)
 	}
+	var withdrawn, declared []*model.ServicePort
 	for key := range t.dirty {
 		for _, sp := range t.built[key] {
 			delete(services, sp.Name)
 		}
+		withdrawn = append(withdrawn, t.built[key]...)
 		delete(t.built, key)
 		svc := t.services[key]
 		if svc == nil {
@@ -186,11 +205,17 @@ func (t *Tracker) Snapshot() (*model.Snapshot, Pending) {
 			t.log.Warn("dropping malformed field", "service", key.String(), "problem", w)
 		}
 		t.built[key] = ports
-		for _, sp := range ports {
-			services[sp.Name] = sp
-		}
+		declared = append(declared, ports...)
 	}
 	clear(t.dirty)
+	// Frontend conflicts are decided here, before any backend renders, so
+	// every mode programs the same owner. Ports that share a frontend with
+	// a changed one may change too; the others keep their pointers. The
+	// caller reports the conflicts (Pending.Conflicts).
+	fc := t.frontends.Update(withdrawn, declared)
+	for _, sp := range fc.Effective {
+		services[sp.Name] = sp
+	}
 	t.gen++
 	snap := &model.Snapshot{Node: t.node, Services: services, Generation: t.gen}
 	if t.prev != nil && !reflect.DeepEqual(t.prev.Node, t.node) {
@@ -200,6 +225,7 @@ func (t *Tracker) Snapshot() (*model.Snapshot, Pending) {
 	}
 	t.prev = snap
 	p := t.pending
+	p.Conflicts = fc
 	t.pending = Pending{}
 	return snap, p
 }

@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 	mt "github.com/miniproxy/miniproxy/pkg/model/modeltest"
@@ -115,8 +116,20 @@ func Config() proxy.Config {
 	return proxy.Config{ClusterCIDRs: []netip.Prefix{mt.ClusterCIDR}, LocalMode: proxy.LocalModeClusterCIDR, LocalhostNodePorts: true}
 }
 
-// Snapshot is the cluster state every case runs against.
+// Snapshot is the cluster state every case runs against: Declared, with the
+// model's frontend rule applied as pkg/watch applies it before any backend
+// renders.
 func Snapshot() *model.Snapshot {
+	ports, _ := model.Resolve(Declared()...)
+	return mt.Snap(ports...)
+}
+
+// Declared are the service ports as converted from the API, before the
+// frontend rule: shared-z and shared-a both claim 198.51.100.70 and
+// 203.0.113.70 on TCP/80 (shared-z is older but sorts last, so "first rule
+// wins" would pick the wrong one), and shared-a also lists web's ClusterIP
+// as an externalIP.
+func Declared() []*model.ServicePort {
 	web := mt.SP("ns", "web", "", "172.30.0.3", 80, mt.Ep("10.180.0.5", 8080, "node-a"), mt.Ep("10.180.1.5", 8080, "node-b"))
 	web.NodePort, web.ExternalIPs = 30080, mt.Addrs("203.0.113.7")
 
@@ -148,7 +161,17 @@ func Snapshot() *model.Snapshot {
 	close := mt.SP("ns", "close", "", "172.30.0.90", 80, mt.Ep("10.180.0.5", 8080, "node-a"), mt.Ep("10.180.1.5", 8080, "node-b"))
 	close.PreferClose = true
 
-	return mt.Snap(web, empty, local, remote, itp, itpNone, lb, term, mixed, udp, one, close)
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	sharedZ := mt.SP("ns", "shared-z", "", "172.30.0.70", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
+	sharedZ.Created, sharedZ.NodePort = t0, 30070
+	sharedZ.LoadBalancerIPs, sharedZ.LoadBalancerSourceRanges = mt.Addrs("198.51.100.70"), mt.Prefixes("203.0.113.0/25")
+	sharedZ.ExternalIPs = mt.Addrs("203.0.113.70")
+	sharedA := mt.SP("ns", "shared-a", "", "172.30.0.71", 80, mt.Ep("10.180.1.5", 8080, "node-b"))
+	sharedA.Created, sharedA.NodePort = t0.Add(time.Second), 30071
+	sharedA.LoadBalancerIPs, sharedA.LoadBalancerSourceRanges = mt.Addrs("198.51.100.70"), mt.Prefixes("203.0.113.0/25")
+	sharedA.ExternalIPs = mt.Addrs("203.0.113.70", "203.0.113.71", "172.30.0.3")
+
+	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, term, mixed, udp, one, close, sharedZ, sharedA}
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -208,6 +231,13 @@ func Cases() []Case {
 			Cfg: func(c *proxy.Config) { c.NodePortAddresses = mt.Prefixes("192.168.0.0/24") }},
 		{Name: "nodeport-addresses includes node address", Packet: tcp(Outside, "192.168.0.2", 30080), Want: fwd(true, both...),
 			Cfg: func(c *proxy.Config) { c.NodePortAddresses = mt.Prefixes("192.168.0.0/24") }},
+		// One frontend, two claims: the model's rule decides for every backend.
+		{Name: "shared LB IP served by the older service", Packet: tcp(Outside, "198.51.100.70", 80), Want: fwd(true, "10.180.0.5:8080")},
+		{Name: "shared externalIP served by the older service", Packet: tcp(Outside, "203.0.113.70", 80), Want: fwd(true, "10.180.0.5:8080")},
+		{Name: "conflict loser keeps its other externalIP", Packet: tcp(Outside, "203.0.113.71", 80), Want: fwd(true, "10.180.1.5:8080")},
+		{Name: "conflict loser keeps its ClusterIP", Packet: tcp(ClientPod, "172.30.0.71", 80), Want: fwd(false, "10.180.1.5:8080")},
+		{Name: "conflict loser keeps its NodePort", Packet: tcp(Outside, "192.168.0.2", 30071), Want: fwd(true, "10.180.1.5:8080")},
+		{Name: "externalIP equal to another Service's ClusterIP goes to the ClusterIP", Packet: tcp(Outside, "172.30.0.3", 80), Want: fwd(true, both...)},
 	}
 }
 

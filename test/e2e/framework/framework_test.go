@@ -38,14 +38,14 @@ func TestLoadManifestLeastPrivilege(t *testing.T) {
 	for _, want := range []string{
 		"/services/list", "/services/watch", "/nodes/list", "/nodes/watch",
 		"discovery.k8s.io/endpointslices/list", "discovery.k8s.io/endpointslices/watch",
-		"/events/create", "/events/patch",
+		"events.k8s.io/events/create", "events.k8s.io/events/patch",
 	} {
 		if !allowed[want] {
 			t.Errorf("ClusterRole lacks %s", want)
 		}
 	}
 	for k := range allowed {
-		if strings.HasPrefix(k, "/secrets") || strings.HasSuffix(k, "/delete") || strings.HasPrefix(k, "/pods") {
+		if strings.HasPrefix(k, "/secrets") || strings.HasSuffix(k, "/delete") || strings.HasPrefix(k, "/pods") || strings.HasPrefix(k, "/events/") {
 			t.Errorf("ClusterRole grants %s, which miniproxy never needs", k)
 		}
 	}
