@@ -387,7 +387,7 @@ func (r *Runner) logOutcome(st Status, failingSince time.Time, streak int, full 
 			return
 		}
 		attrs := []any{"full", full, "took", took, "consecutiveFailures", n, "retryIn", r.backoff(n)}
-		msg := "sync failed; the rules last committed stay in place"
+		msg := "sync failed"
 		if n > 1 {
 			msg = "sync still failing"
 			attrs = append(attrs, "failingFor", now.Sub(st.FailingSince), "notLogged", r.suppressed)

@@ -34,8 +34,8 @@ func newCapture() (*slog.Logger, func() []logRecord) {
 }
 
 func (h captureHandler) Enabled(context.Context, slog.Level) bool { return true }
-func (h captureHandler) WithAttrs([]slog.Attr) slog.Handler        { return h }
-func (h captureHandler) WithGroup(string) slog.Handler             { return h }
+func (h captureHandler) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h captureHandler) WithGroup(string) slog.Handler            { return h }
 func (h captureHandler) Handle(_ context.Context, r slog.Record) error {
 	rec := logRecord{level: r.Level, msg: r.Message, attrs: map[string]string{}}
 	r.Attrs(func(a slog.Attr) bool {
@@ -98,7 +98,7 @@ func TestFailureLogging(t *testing.T) {
 
 	got := above(records(), slog.LevelInfo, "consecutiveFailures", "notLogged", "failingFor")
 	want := []string{
-		"ERROR sync failed; the rules last committed stay in place consecutiveFailures=1",
+		"ERROR sync failed consecutiveFailures=1",
 		"ERROR sync still failing consecutiveFailures=7 notLogged=5 failingFor=1m1s",
 		"ERROR sync still failing consecutiveFailures=9 notLogged=1 failingFor=2m1s",
 		"INFO sync succeeded after 10 failures notLogged=1 failingFor=3m1s",
@@ -143,9 +143,9 @@ func TestFailureLoggingNewStreak(t *testing.T) {
 	h.nextWait()
 	got := above(records(), slog.LevelInfo, "consecutiveFailures")
 	want := []string{
-		"ERROR sync failed; the rules last committed stay in place consecutiveFailures=1",
+		"ERROR sync failed consecutiveFailures=1",
 		"INFO sync succeeded after 1 failures",
-		"ERROR sync failed; the rules last committed stay in place consecutiveFailures=1",
+		"ERROR sync failed consecutiveFailures=1",
 	}
 	if strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Fatalf("log lines:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
