@@ -29,6 +29,7 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/ipvs"
 	"github.com/miniproxy/miniproxy/pkg/metrics"
+	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/nftables"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	mpsync "github.com/miniproxy/miniproxy/pkg/sync"
@@ -141,6 +142,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	if err != nil {
 		return err
 	}
+	m.InitSyncFailures(o.Mode, familyLabels(o.proxyConfig.Families)...)
 	proxyHealth := health.NewProxyHealth(2*o.SyncPeriod, nil)
 	svcHealth := health.NewServiceHealth(health.ServiceHealthOptions{
 		// Health check ports listen on every address, as kube-proxy does by
@@ -199,6 +201,8 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 		took := time.Since(start)
 		m.SyncDone(res.Full, start, took, err)
 		if err != nil {
+			// Logged (rate-limited) by the runner, which gets this error.
+			m.SyncFailed(o.Mode, failedFamilies(o.Mode, o.proxyConfig.Families, err)...)
 			return fmt.Errorf("%s sync: %w", o.Mode, err)
 		}
 		now := time.Now()
@@ -224,7 +228,14 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	}
 	// Burst 2 as kube-proxy: a Service and its EndpointSlice arrive as two
 	// events; both are programmed without waiting out min-sync-period.
-	runner := mpsync.New(mpsync.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod, Burst: 2}, clock.RealClock{}, syncFn)
+	runner := mpsync.New(mpsync.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod, Burst: 2,
+		Logger: log.With("component", "sync", "mode", o.Mode)}, clock.RealClock{}, syncFn)
+	// /livez judges whether the loop is alive; a long iptables cold start
+	// shows it is by reporting every restore chunk.
+	proxyHealth.WatchLoop(runner.Status, 0)
+	if ib, ok := backend.(*iptables.Backend); ok {
+		ib.OnRestore = func(model.Family, string) { runner.Progress() }
+	}
 
 	onChange := func() {
 		now := time.Now()

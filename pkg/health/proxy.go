@@ -13,28 +13,71 @@ import (
 	"time"
 
 	"k8s.io/utils/clock"
+
+	mpsync "github.com/miniproxy/miniproxy/pkg/sync"
 )
 
-// ProxyHealth tracks whether syncs keep up with changes. The watch layer calls
-// QueuedUpdate when a change arrives; the sync loop calls Updated after each
-// successful sync.
+// DefaultStuckAfter is how long the sync loop may show no sign of life before
+// /livez fails: a running sync that reports no progress, or an idle loop that
+// has not woken up this long after its next sync was due. It is a stuck
+// detector, not a deadline for a sync: a long sync that keeps reporting
+// progress (the iptables cold start reports every restore chunk) stays live
+// however long it takes in total. Five minutes is well above the longest
+// single step measured (one nftables batch of 44k Services: 9 s; one
+// iptables-restore chunk: seconds).
+const DefaultStuckAfter = 5 * time.Minute
+
+// ProxyHealth answers /healthz and /livez.
+//
+// /healthz (readiness, and the serviceProxyHealthy of the Service health
+// checks) says "this node's rules are current": 200 once a sync has
+// completed, while no change has waited timeout or longer for a sync, syncs
+// have not been failing for timeout or longer, and /livez is 200.
+//
+// /livez says "the sync loop is alive, so a restart cannot help": 200 before
+// the loop starts (informers listing), while a sync runs and reports
+// progress, while the loop waits for its next sync, and while failed syncs
+// are retried; 503 only when a running sync has shown no progress for
+// stuckAfter, or the idle loop is stuckAfter late for its next sync. Queued
+// changes do not count: changes arrive during the initial list, and a cold
+// start of tens of thousands of Services takes longer than any fixed
+// deadline derived from the sync period. Failed syncs do not count either: a
+// restart would run the same full sync against the same kernel and objects,
+// and a crash loop would only hide the logged error.
+//
+// The watch layer calls QueuedUpdate when a change arrives; the sync function
+// calls Updated after each successful sync; WatchLoop connects the runner.
 type ProxyHealth struct {
-	clk     clock.PassiveClock
-	timeout time.Duration
+	clk        clock.PassiveClock
+	timeout    time.Duration
+	stuckAfter time.Duration
 
 	mu           sync.Mutex
 	lastUpdated  time.Time // end of the last successful sync; zero if none
 	oldestQueued time.Time // first change not yet covered by a sync; zero if none
+	loop         func() mpsync.Status
 }
 
-// NewProxyHealth returns a tracker that reports unhealthy once a change has
-// waited timeout or longer for a sync (kube-proxy uses 2 × sync-period).
-// clk may be nil for the real clock.
+// NewProxyHealth returns a tracker whose /healthz fails once a change has
+// waited timeout or longer for a sync, or syncs have failed for that long
+// (kube-proxy uses 2 × sync-period). clk may be nil for the real clock.
 func NewProxyHealth(timeout time.Duration, clk clock.PassiveClock) *ProxyHealth {
 	if clk == nil {
 		clk = clock.RealClock{}
 	}
-	return &ProxyHealth{clk: clk, timeout: timeout}
+	return &ProxyHealth{clk: clk, timeout: timeout, stuckAfter: DefaultStuckAfter}
+}
+
+// WatchLoop makes /livez (and so /healthz) judge the sync loop whose status
+// status returns, normally (*sync.Runner).Status. stuckAfter <= 0 means
+// DefaultStuckAfter. Until WatchLoop is called the loop counts as not started.
+func (h *ProxyHealth) WatchLoop(status func() mpsync.Status, stuckAfter time.Duration) {
+	if stuckAfter <= 0 {
+		stuckAfter = DefaultStuckAfter
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.loop, h.stuckAfter = status, stuckAfter
 }
 
 // QueuedUpdate records that a change arrived at t and waits for a sync. Only the
@@ -65,38 +108,54 @@ type Status struct {
 	Reason      string    `json:"reason,omitempty"`
 }
 
-// check evaluates health now. needSync makes "never synced" unhealthy (the
-// /healthz criterion); /livez only cares whether queued work is stuck, because
-// restarting a proxy that has not finished its first sync would not help.
-func (h *ProxyHealth) check(needSync bool) Status {
+// check evaluates health now; ready selects the /healthz criteria, otherwise
+// only liveness is judged.
+func (h *ProxyHealth) check(ready bool) Status {
 	h.mu.Lock()
-	last, queued := h.lastUpdated, h.oldestQueued
+	last, queued, loop, stuckAfter := h.lastUpdated, h.oldestQueued, h.loop, h.stuckAfter
 	h.mu.Unlock()
+	var ls mpsync.Status
+	if loop != nil {
+		ls = loop()
+	}
 	now := h.clk.Now()
 	st := Status{LastUpdated: last, CurrentTime: now, Healthy: true}
-	switch {
-	case !queued.IsZero() && now.Sub(queued) >= h.timeout:
+	fail := func(format string, args ...any) Status {
 		st.Healthy = false
-		st.Reason = fmt.Sprintf("a change queued at %s has waited %s for a sync (limit %s)",
-			queued.UTC().Format(time.RFC3339), now.Sub(queued).Round(time.Millisecond), h.timeout)
-	case needSync && last.IsZero():
-		st.Healthy = false
-		st.Reason = "no sync has completed yet"
-	default:
-		// kube-proxy reports lastUpdated as "now" while healthy: older
-		// clients read it as "the proxy is recent", and a sync loop with
-		// nothing to do would otherwise look stale.
-		st.LastUpdated = now
+		st.Reason = fmt.Sprintf(format, args...)
+		return st
 	}
+	since := func(t time.Time) time.Duration { return now.Sub(t).Round(time.Millisecond) }
+	switch {
+	case ls.Running && now.Sub(ls.LastProgress) >= stuckAfter:
+		return fail("sync loop stuck: a sync started at %s has shown no progress for %s (limit %s)",
+			ls.RunningSince.UTC().Format(time.RFC3339), since(ls.LastProgress), stuckAfter)
+	case ls.Started && !ls.Running && !ls.NextSync.IsZero() && now.Sub(ls.NextSync) >= stuckAfter:
+		return fail("sync loop stuck: the sync due at %s has not started %s later (limit %s)",
+			ls.NextSync.UTC().Format(time.RFC3339), since(ls.NextSync), stuckAfter)
+	case !ready:
+	case !queued.IsZero() && now.Sub(queued) >= h.timeout:
+		return fail("a change queued at %s has waited %s for a sync (limit %s)",
+			queued.UTC().Format(time.RFC3339), since(queued), h.timeout)
+	case !ls.FailingSince.IsZero() && now.Sub(ls.FailingSince) >= h.timeout:
+		return fail("syncs have failed for %s (%d in a row, limit %s); last error: %v",
+			since(ls.FailingSince), ls.ConsecutiveFailures, h.timeout, ls.LastError)
+	case last.IsZero() && ls.Running:
+		return fail("no sync has completed yet (the first has run for %s)", since(ls.RunningSince))
+	case last.IsZero():
+		return fail("no sync has completed yet")
+	}
+	// kube-proxy reports lastUpdated as "now" while healthy: older clients
+	// read it as "the proxy is recent", and a sync loop with nothing to do
+	// would otherwise look stale.
+	st.LastUpdated = now
 	return st
 }
 
-// Healthz returns the /healthz status: healthy once a sync has completed and
-// while no change has waited longer than the timeout.
+// Healthz returns the /healthz status (see ProxyHealth).
 func (h *ProxyHealth) Healthz() Status { return h.check(true) }
 
-// Livez returns the /livez status: unhealthy only when a change has waited
-// longer than the timeout.
+// Livez returns the /livez status (see ProxyHealth).
 func (h *ProxyHealth) Livez() Status { return h.check(false) }
 
 // Healthy reports the /healthz criterion, for the service health checks'

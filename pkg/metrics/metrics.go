@@ -65,8 +65,6 @@ type Metrics struct {
 	// changes received from the apiserver.
 	ServiceChanges  prometheus.Counter
 	EndpointChanges prometheus.Counter
-	// IPTablesRestoreFailures counts failed iptables-restore runs.
-	IPTablesRestoreFailures prometheus.Counter
 	// SyncFailures counts failed syncs by mode ("full" or "partial").
 	SyncFailures *prometheus.CounterVec
 	// ServicePorts is the number of service ports in the last synced snapshot.
@@ -84,6 +82,60 @@ type Metrics struct {
 	// once, when it begins. Alert on the gauge; the counter shows churn.
 	FrontendConflicts      prometheus.Gauge
 	FrontendConflictsTotal prometheus.Counter
+	// Failed syncs by backend, under kube-proxy v1.37's names and ip_family
+	// label (values "IPv4", "IPv6"); see SyncFailed.
+	//
+	// IPTablesRestoreFailures counts failed iptables-mode syncs.
+	IPTablesRestoreFailures *prometheus.CounterVec
+	// NFTablesSyncFailures counts failed nftables-mode syncs.
+	NFTablesSyncFailures *prometheus.CounterVec
+	// IPVSSyncFailures counts failed IPVS-mode syncs. kube-proxy's IPVS mode
+	// has no such counter (it counts only its iptables-restore failures,
+	// and miniproxy's IPVS mode runs no iptables-restore), hence the
+	// miniproxy prefix.
+	IPVSSyncFailures *prometheus.CounterVec
+}
+
+// Backend modes, for SyncFailed.
+const (
+	BackendIPTables = "iptables"
+	BackendNFTables = "nftables"
+	BackendIPVS     = "ipvs"
+)
+
+// SyncFailed counts one failed sync of backend for each IP family in
+// families ("IPv4", "IPv6"): the families whose rules that sync could not
+// program. An unknown backend counts nowhere (SyncDone still counts it).
+func (m *Metrics) SyncFailed(backend string, families ...string) {
+	v := m.failureVec(backend)
+	if v == nil {
+		return
+	}
+	for _, f := range families {
+		v.WithLabelValues(f).Inc()
+	}
+}
+
+// InitSyncFailures exports backend's failure counter at zero for families,
+// so a failure rate can be computed (and alerted on) before the first failure.
+func (m *Metrics) InitSyncFailures(backend string, families ...string) {
+	if v := m.failureVec(backend); v != nil {
+		for _, f := range families {
+			v.WithLabelValues(f)
+		}
+	}
+}
+
+func (m *Metrics) failureVec(backend string) *prometheus.CounterVec {
+	switch backend {
+	case BackendIPTables:
+		return m.IPTablesRestoreFailures
+	case BackendNFTables:
+		return m.NFTablesSyncFailures
+	case BackendIPVS:
+		return m.IPVSSyncFailures
+	}
+	return nil
 }
 
 // New creates the metrics and registers them on reg.
@@ -133,11 +185,6 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name:      "sync_proxy_rules_endpoint_changes_total",
 			Help:      "Cumulative proxy rules Endpoint changes",
 		}),
-		IPTablesRestoreFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Subsystem: kubeProxySubsystem,
-			Name:      "sync_proxy_rules_iptables_restore_failures_total",
-			Help:      "Cumulative proxy iptables restore failures",
-		}),
 		SyncFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "miniproxy",
 			Name:      "sync_failures_total",
@@ -158,13 +205,29 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name:      "service_frontend_conflicts_total",
 			Help:      "Cumulative frontend conflicts, each counted once when it begins",
 		}),
+		IPTablesRestoreFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_proxy_rules_iptables_restore_failures_total",
+			Help:      "Cumulative proxy iptables restore failures",
+		}, []string{"ip_family"}),
+		NFTablesSyncFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Subsystem: kubeProxySubsystem,
+			Name:      "sync_proxy_rules_nftables_sync_failures_total",
+			Help:      "Cumulative proxy nftables sync failures",
+		}, []string{"ip_family"}),
+		IPVSSyncFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "miniproxy",
+			Name:      "ipvs_sync_failures_total",
+			Help:      "Cumulative IPVS-mode sync failures",
+		}, []string{"ip_family"}),
 	}
 	for _, c := range []prometheus.Collector{
 		m.SyncDuration, m.SyncFullDuration, m.SyncPartialDuration,
 		m.LastSyncTimestamp, m.LastQueuedTimestamp, m.NetworkProgrammingDuration,
-		m.ServiceChanges, m.EndpointChanges, m.IPTablesRestoreFailures,
+		m.ServiceChanges, m.EndpointChanges,
 		m.SyncFailures, m.ServicePorts,
 		m.FrontendConflicts, m.FrontendConflictsTotal,
+		m.IPTablesRestoreFailures, m.NFTablesSyncFailures, m.IPVSSyncFailures,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("registering metrics: %w", err)

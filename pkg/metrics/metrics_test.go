@@ -47,7 +47,12 @@ func TestScrape(t *testing.T) {
 	m.NetworkProgrammed(start.Add(time.Hour), start) // clock skew: ignored
 	m.ServiceChanges.Add(3)
 	m.EndpointChanges.Inc()
-	m.IPTablesRestoreFailures.Inc()
+	m.InitSyncFailures(BackendIPTables, "IPv4", "IPv6")
+	m.SyncFailed(BackendIPTables, "IPv6")
+	m.SyncFailed(BackendIPTables, "IPv6")
+	m.SyncFailed(BackendNFTables, "IPv4")
+	m.SyncFailed(BackendIPVS, "IPv4", "IPv6")
+	m.SyncFailed("userspace", "IPv4") // unknown backend: counted nowhere
 	m.ServicePorts.Set(42)
 
 	body := scrape(t, reg)
@@ -69,7 +74,11 @@ func TestScrape(t *testing.T) {
 		`kubeproxy_network_programming_duration_seconds_bucket{le="300"} 1`,
 		"kubeproxy_sync_proxy_rules_service_changes_total 3",
 		"kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
-		"kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
+		`kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"} 0`,
+		`kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv6"} 2`,
+		`kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 1`,
+		`miniproxy_ipvs_sync_failures_total{ip_family="IPv4"} 1`,
+		`miniproxy_ipvs_sync_failures_total{ip_family="IPv6"} 1`,
 		`miniproxy_sync_failures_total{mode="full"} 0`,
 		`miniproxy_sync_failures_total{mode="partial"} 1`,
 		"miniproxy_service_ports 42",

@@ -15,6 +15,18 @@
 //   - the first sync is full and starts as soon as Run is called, so the caller
 //     should call Run only once its informers have synced.
 //
+// Every failed sync is logged, rate-limited: the first failure of a streak at
+// once, then at most one line per FailureLogInterval carrying the error of the
+// latest failure and how many failures were not logged since the previous line
+// (those go to the debug level). The first success after failures is logged too
+// ("sync succeeded after N failures"), so a log reader sees where an outage
+// started and ended. Counting failures under a backend's metric names is the
+// caller's business: the runner does not know the backend.
+//
+// Status also tells whether the loop is alive, for liveness checks: whether a
+// sync is running and since when, when it last reported progress (Progress),
+// and, while idle, when the loop will next wake up.
+//
 // The package name shadows the standard library's sync on purpose (it is the
 // design's name for this layer); importers that need both alias one of them.
 package sync
@@ -22,6 +34,7 @@ package sync
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	stdsync "sync"
 	"time"
 
@@ -33,6 +46,8 @@ const (
 	DefaultMaxInterval  = 30 * time.Second
 	DefaultRetryInitial = 1 * time.Second
 	DefaultRetryMax     = 30 * time.Second
+	// DefaultFailureLogInterval spaces the log lines of a failure streak.
+	DefaultFailureLogInterval = time.Minute
 )
 
 // Config says how often the sync function may and must run.
@@ -56,6 +71,12 @@ type Config struct {
 	// both are programmed at once instead of the second waiting out
 	// MinInterval. Zero or one means strict spacing.
 	Burst int
+	// Logger receives the failure and recovery lines. Nil discards them.
+	Logger *slog.Logger
+	// FailureLogInterval is the least time between two log lines of one
+	// failure streak (the first failure is always logged at once). Zero
+	// means DefaultFailureLogInterval.
+	FailureLogInterval time.Duration
 }
 
 // SyncFunc programs the dataplane. full asks for a complete reconcile (first
@@ -75,6 +96,25 @@ type Status struct {
 	ConsecutiveFailures int
 	// Syncs counts every completed call of the sync function.
 	Syncs uint64
+	// FailingSince is when the first failed sync of the current failure
+	// streak started; zero while the last sync succeeded (or none ran).
+	FailingSince time.Time
+
+	// Liveness of the loop itself.
+
+	// Started is true once Run has been called.
+	Started bool
+	// Running is true while the sync function runs; RunningSince is when
+	// it was called.
+	Running      bool
+	RunningSince time.Time
+	// LastProgress is the latest of RunningSince and the last Progress call
+	// of the running sync (zero while idle).
+	LastProgress time.Time
+	// NextSync is, while the loop is idle, when it will start the next sync
+	// at the latest (a Trigger can only bring it forward). Zero while a sync
+	// runs or before Run.
+	NextSync time.Time
 }
 
 // Runner schedules calls of a SyncFunc. Create it with New.
@@ -89,6 +129,11 @@ type Runner struct {
 
 	mu     stdsync.Mutex
 	status Status
+
+	// Failure log state, touched only by Run's goroutine.
+	log         *slog.Logger
+	lastFailLog time.Time // when the current streak was last logged
+	suppressed  int       // failures of the streak not logged since then
 
 	// onWait, if set (tests only), is called each time the loop is about
 	// to block, with the time of the next scheduled sync. The timer for
@@ -116,7 +161,14 @@ func New(cfg Config, clk clock.WithTicker, fn SyncFunc) *Runner {
 	if cfg.RetryMax < cfg.RetryInitial {
 		cfg.RetryMax = cfg.RetryInitial
 	}
-	return &Runner{cfg: cfg, clk: clk, fn: fn, trigger: make(chan struct{}, 1)}
+	if cfg.FailureLogInterval <= 0 {
+		cfg.FailureLogInterval = DefaultFailureLogInterval
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Runner{cfg: cfg, clk: clk, fn: fn, trigger: make(chan struct{}, 1), log: log}
 }
 
 // Config returns the effective configuration (defaults applied).
@@ -128,6 +180,19 @@ func (r *Runner) Trigger() {
 	select {
 	case r.trigger <- struct{}{}:
 	default:
+	}
+}
+
+// Progress records that the running sync is still advancing (for example
+// after each chunk of a long restore), so that liveness checks can tell a long
+// sync from a stuck one. It may be called from any goroutine; outside a sync it
+// does nothing.
+func (r *Runner) Progress() {
+	now := r.clk.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.status.Running && now.After(r.status.LastProgress) {
+		r.status.LastProgress = now
 	}
 }
 
@@ -225,12 +290,18 @@ func (r *Runner) backoff(n int) time.Duration {
 func (r *Runner) Run(ctx context.Context) {
 	var s schedule
 	needFull := true // first sync
+	r.mu.Lock()
+	r.status.Started = true
+	r.mu.Unlock()
 	for {
 		if ctx.Err() != nil {
 			return
 		}
 		due := r.next(&s)
 		if wait := due.Sub(r.clk.Now()); !due.IsZero() && wait > 0 {
+			r.mu.Lock()
+			r.status.NextSync = due
+			r.mu.Unlock()
 			timer := r.clk.NewTimer(wait)
 			if r.onWait != nil {
 				r.onWait(due)
@@ -262,6 +333,8 @@ func (r *Runner) Run(ctx context.Context) {
 		}
 		r.mu.Lock()
 		r.status.LastAttempt = now
+		r.status.Running, r.status.RunningSince, r.status.LastProgress = true, now, now
+		r.status.NextSync = time.Time{}
 		r.mu.Unlock()
 
 		err := r.fn(ctx, full)
@@ -269,23 +342,64 @@ func (r *Runner) Run(ctx context.Context) {
 		s.lastEnd = end
 		if err != nil && ctx.Err() != nil {
 			// Shutting down: the sync was interrupted, not broken.
+			r.mu.Lock()
+			r.status.Running, r.status.LastProgress = false, time.Time{}
+			r.mu.Unlock()
 			return
 		}
 
 		r.mu.Lock()
 		r.status.Syncs++
+		r.status.Running, r.status.LastProgress = false, time.Time{}
+		failingSince, streak := r.status.FailingSince, s.failures
 		if err != nil {
 			s.failures++
 			needFull = true
 			r.status.LastError = fmt.Errorf("sync (full=%t) failed: %w", full, err)
 			r.status.ConsecutiveFailures = s.failures
+			if failingSince.IsZero() {
+				r.status.FailingSince = now
+			}
 		} else {
 			s.failures = 0
 			needFull = false
 			r.status.LastError = nil
 			r.status.ConsecutiveFailures = 0
 			r.status.LastSuccess = end
+			r.status.FailingSince = time.Time{}
 		}
+		st := r.status
 		r.mu.Unlock()
+		r.logOutcome(st, failingSince, streak, full, end.Sub(now), err)
 	}
+}
+
+// logOutcome writes the failure and recovery lines (see the package doc). st
+// is the status after this sync; failingSince and streak describe the failure
+// streak before it (zero if the previous sync succeeded).
+func (r *Runner) logOutcome(st Status, failingSince time.Time, streak int, full bool, took time.Duration, err error) {
+	now := r.clk.Now()
+	if err != nil {
+		n := st.ConsecutiveFailures
+		if n > 1 && now.Sub(r.lastFailLog) < r.cfg.FailureLogInterval {
+			r.suppressed++
+			r.log.Debug("sync failed again", "full", full, "consecutiveFailures", n, "err", err)
+			return
+		}
+		attrs := []any{"full", full, "took", took, "consecutiveFailures", n, "retryIn", r.backoff(n)}
+		msg := "sync failed"
+		if n > 1 {
+			msg = "sync still failing"
+			attrs = append(attrs, "failingFor", now.Sub(st.FailingSince), "notLogged", r.suppressed)
+		}
+		r.log.Error(msg, append(attrs, "err", err)...)
+		r.lastFailLog, r.suppressed = now, 0
+		return
+	}
+	if streak == 0 {
+		return
+	}
+	r.log.Info(fmt.Sprintf("sync succeeded after %d failures", streak), "full", full,
+		"failingFor", now.Sub(failingSince), "notLogged", r.suppressed)
+	r.lastFailLog, r.suppressed = time.Time{}, 0
 }

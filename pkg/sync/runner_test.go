@@ -332,7 +332,7 @@ func TestCancelDuringSync(t *testing.T) {
 func TestDefaults(t *testing.T) {
 	r := New(Config{MinInterval: 2 * time.Minute}, clocktesting.NewFakeClock(t0), nil)
 	got := r.Config()
-	want := Config{MinInterval: 2 * time.Minute, MaxInterval: 2 * time.Minute, RetryInitial: time.Second, RetryMax: 30 * time.Second}
+	want := Config{MinInterval: 2 * time.Minute, MaxInterval: 2 * time.Minute, RetryInitial: time.Second, RetryMax: 30 * time.Second, FailureLogInterval: time.Minute}
 	if got != want {
 		t.Fatalf("Config() = %+v, want %+v", got, want)
 	}
