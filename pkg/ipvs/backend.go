@@ -66,9 +66,16 @@ type Backend struct {
 	setup    bool
 	// nsFile keeps the namespace open for nftables' per-batch sockets.
 	nsFile *os.File
+
+	// afterVirtualServers, when set (by tests only), runs once the virtual
+	// servers of a sync are reconciled, before addresses are bound and the
+	// nftables table is written: the crash tests SIGKILL the process there.
+	afterVirtualServers func()
 }
 
 var _ proxy.Backend = (*Backend)(nil)
+
+var errClosed = errors.New("ipvs backend used after Close")
 
 // New opens netlink handles in the target namespace. Nothing is changed in
 // the kernel until the first Sync.
@@ -138,17 +145,33 @@ func ipvsAvailable(nsPath string) bool {
 	return ok
 }
 
-// Close releases the netlink handles.
-func (b *Backend) Close() {
+// Close releases the IPVS, netlink and nftables handles and the namespace
+// file. It changes nothing in the kernel and may be called more than once.
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var errs []error
 	if b.ipvs != nil {
 		b.ipvs.Close()
+		b.ipvs = nil
 	}
 	if b.nl != nil {
 		b.nl.Close()
+		b.nl = nil
+	}
+	if b.nft != nil {
+		if err := b.nft.CloseLasting(); err != nil {
+			errs = append(errs, fmt.Errorf("close nftables connection: %w", err))
+		}
+		b.nft = nil
 	}
 	if b.nsFile != nil {
-		b.nsFile.Close()
+		if err := b.nsFile.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close netns file: %w", err))
+		}
+		b.nsFile = nil
 	}
+	return errors.Join(errs...)
 }
 
 // Sync implements proxy.Backend.
@@ -158,6 +181,9 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	res := proxy.Result{Full: full || b.last == nil}
 	if err := ctx.Err(); err != nil {
 		return res, err
+	}
+	if b.ipvs == nil {
+		return res, errClosed
 	}
 	if res.Full || !b.setup {
 		if err := b.setupNode(); err != nil {
@@ -244,6 +270,9 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		if want[k] != nil {
 			res.Changed++
 		}
+	}
+	if b.afterVirtualServers != nil {
+		b.afterVirtualServers()
 	}
 
 	// Bind wanted addresses, then drop the ones no virtual server uses.
@@ -415,6 +444,9 @@ func (b *Backend) Draining() map[Key][]netip.AddrPort {
 func (b *Backend) Cleanup(ctx context.Context) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.ipvs == nil {
+		return errClosed
+	}
 	var errs []error
 	rec, err := readOwnedVIPs(b.nft)
 	if err != nil {

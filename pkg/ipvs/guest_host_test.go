@@ -40,6 +40,9 @@ var guestFeatures = map[string]string{
 	"DriftRepair":                    "drift repair (virtual server, VIP, filter table deleted by hand)",
 	"RestartReconcileAndCleanup":     "restart reconcile and --cleanup leave others' virtual servers",
 	"StrictARPOnlyInNodeNamespace":   "strictARP sysctls only in the node namespace",
+	"CrashBetweenCreateAndRecord":    "SIGKILL between creating virtual servers and recording them: restart and --cleanup remove every owned one",
+	"ForeignVirtualServersSurvive":   "other software's virtual servers untouched by syncs, a crash, a restart and --cleanup",
+	"SIGKILLDuringLargeSync":         "SIGKILL at random points of a large sync: converges, nothing duplicate or stale (scaled down for TCG)",
 }
 
 // matrixRow has the shape of test/e2e/framework.Result, so the e2e suite can
@@ -108,7 +111,7 @@ func TestGuest(t *testing.T) {
 	res, err := guest.Run(ctx, guest.Options{
 		Binary:  bin,
 		Args:    []string{"-test.v", "-test.run", "^TestKernel$", "-test.timeout", "8m"},
-		Env:     []string{guest.InGuestEnv + "=1"},
+		Env:     guestEnv(),
 		Modules: guestModules,
 		Timeout: 9 * time.Minute,
 		Console: &console,
@@ -175,6 +178,18 @@ func TestGuest(t *testing.T) {
 	if seen == 0 || res.ExitCode != 0 && !t.Failed() {
 		t.Fatalf("guest exit status %d with %d subtests reported:\n%s", res.ExitCode, seen, lastLines(res.Output, 60))
 	}
+}
+
+// guestEnv is the guest test's environment: the in-guest marker and the
+// crash tests' size and seed, when set on the host.
+func guestEnv() []string {
+	env := []string{guest.InGuestEnv + "=1"}
+	for _, k := range []string{crashServicesEnv, crashTrialsEnv, crashSeedEnv} {
+		if v := os.Getenv(k); v != "" {
+			env = append(env, k+"="+v)
+		}
+	}
+	return env
 }
 
 func sortedFeatureNames() []string {
