@@ -398,7 +398,7 @@ func testForeignVirtualServersSurvive(t *testing.T) {
 // full sync, restarts with a different snapshot, and checks the kernel holds
 // exactly what was wanted, then that --cleanup leaves only foreign objects.
 func testSIGKILLDuringLargeSync(t *testing.T) {
-	n := envInt(crashServicesEnv, 500)
+	n := envInt(crashServicesEnv, 300)
 	trials := envInt(crashTrialsEnv, 10)
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv(crashSeedEnv); s != "" {
@@ -430,10 +430,13 @@ func testSIGKILLDuringLargeSync(t *testing.T) {
 		if k {
 			killed++
 		}
-		when := fmt.Sprintf("trial %d (killed %v after sync start: %v)", i, after.Round(time.Millisecond), k)
+		when := fmt.Sprintf("trial %d (SIGKILL %v after sync start, landed mid-sync: %v)", i, after.Round(time.Millisecond), k)
 		// The restarted process sees yet another version of the Services.
+		start := time.Now()
 		be := restartSync(t, cfg, glab.NSPath(l.Node), crashSnap(n, uint64(2*i+3)))
+		took := time.Since(start)
 		checkConverged(t, h, be, fs, when)
+		t.Logf("%s: restart synced %d virtual servers in %v, converged", when, len(be.lastVS), took.Round(time.Millisecond))
 		glab.Must(t, be.Close(), "close")
 	}
 	t.Logf("%d of %d trials killed mid-sync (the rest finished before their random moment)", killed, trials)

@@ -110,7 +110,7 @@ func TestGuest(t *testing.T) {
 	var console strings.Builder
 	res, err := guest.Run(ctx, guest.Options{
 		Binary:  bin,
-		Args:    []string{"-test.v", "-test.run", "^TestKernel$", "-test.timeout", "8m"},
+		Args:    []string{"-test.v", "-test.run", guestRun(), "-test.timeout", "8m"},
 		Env:     guestEnv(),
 		Modules: guestModules,
 		Timeout: 9 * time.Minute,
@@ -172,12 +172,24 @@ func TestGuest(t *testing.T) {
 				t.Skipf("skipped in guest: %s", strings.Join(r.Output, "; "))
 			default:
 				t.Logf("passed in guest (%v)", r.Elapsed)
+				for _, line := range r.Output {
+					t.Log(line)
+				}
 			}
 		})
 	}
 	if seen == 0 || res.ExitCode != 0 && !t.Failed() {
 		t.Fatalf("guest exit status %d with %d subtests reported:\n%s", res.ExitCode, seen, lastLines(res.Output, 60))
 	}
+}
+
+// guestRun is the -test.run pattern inside the guest: TestKernel, or some of
+// its subtests with MINIPROXY_GUEST_RUN (e.g. "SIGKILL|Crash").
+func guestRun() string {
+	if v := os.Getenv("MINIPROXY_GUEST_RUN"); v != "" {
+		return "^TestKernel$/" + v
+	}
+	return "^TestKernel$"
 }
 
 // guestEnv is the guest test's environment: the in-guest marker and the
