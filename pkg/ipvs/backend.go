@@ -57,8 +57,10 @@ type Backend struct {
 	// last is the plan of the last successful sync; lastVS indexes it.
 	last   *Plan
 	lastVS map[Key]*VirtualServer
-	// owned records virtual servers this process created; after a restart
-	// the all-vips sets in our nftables table carry the same record.
+	// owned mirrors the ownership record in our nftables table (the
+	// owned-vs sets): every virtual server this process, or one before it,
+	// may have created. Keys are recorded in the kernel before their
+	// virtual server is created and dropped only after it is deleted.
 	owned map[Key]bool
 	// draining holds real servers kept at weight 0 until their
 	// connections end.
@@ -66,9 +68,16 @@ type Backend struct {
 	setup    bool
 	// nsFile keeps the namespace open for nftables' per-batch sockets.
 	nsFile *os.File
+
+	// afterVirtualServers, when set (by tests only), runs once the virtual
+	// servers of a sync are reconciled, before addresses are bound and the
+	// nftables table is written: the crash tests SIGKILL the process there.
+	afterVirtualServers func()
 }
 
 var _ proxy.Backend = (*Backend)(nil)
+
+var errClosed = errors.New("ipvs backend used after Close")
 
 // New opens netlink handles in the target namespace. Nothing is changed in
 // the kernel until the first Sync.
@@ -107,7 +116,7 @@ func New(cfg proxy.Config, opts Options) (*Backend, error) {
 		b.nl.Close()
 		return nil, fmt.Errorf("ipvs handle in %q: %w", opts.NetNSPath, err)
 	}
-	nftOpts := []nftables.ConnOption{}
+	nftOpts := []nftables.ConnOption{nftables.WithSockOptions(bigSendBuffer)}
 	if opts.NetNSPath != "" {
 		// nftables opens a socket per batch inside the namespace of this
 		// fd, so the fd must stay open for the backend's lifetime.
@@ -138,17 +147,33 @@ func ipvsAvailable(nsPath string) bool {
 	return ok
 }
 
-// Close releases the netlink handles.
-func (b *Backend) Close() {
+// Close releases the IPVS, netlink and nftables handles and the namespace
+// file. It changes nothing in the kernel and may be called more than once.
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var errs []error
 	if b.ipvs != nil {
 		b.ipvs.Close()
+		b.ipvs = nil
 	}
 	if b.nl != nil {
 		b.nl.Close()
+		b.nl = nil
+	}
+	if b.nft != nil {
+		if err := b.nft.CloseLasting(); err != nil {
+			errs = append(errs, fmt.Errorf("close nftables connection: %w", err))
+		}
+		b.nft = nil
 	}
 	if b.nsFile != nil {
-		b.nsFile.Close()
+		if err := b.nsFile.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close netns file: %w", err))
+		}
+		b.nsFile = nil
 	}
+	return errors.Join(errs...)
 }
 
 // Sync implements proxy.Backend.
@@ -158,6 +183,9 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	res := proxy.Result{Full: full || b.last == nil}
 	if err := ctx.Err(); err != nil {
 		return res, err
+	}
+	if b.ipvs == nil {
+		return res, errClosed
 	}
 	if res.Full || !b.setup {
 		if err := b.setupNode(); err != nil {
@@ -178,12 +206,14 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		want[plan.VirtualServers[i].Key] = &plan.VirtualServers[i]
 	}
 
-	// Which virtual servers to look at in the kernel.
+	// Which virtual servers to look at in the kernel, and which recorded
+	// ones are already gone from it.
 	consider := map[Key]bool{}
+	var gone []Key
 	if res.Full {
 		if b.last == nil {
-			// After a restart our record of node-address virtual servers
-			// is in our own nftables table.
+			// After a restart (or a failed sync) the record in our own
+			// nftables table says what we may have created.
 			rec, err := readOwnedVIPs(b.nft)
 			if err != nil {
 				return res, err
@@ -200,19 +230,27 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		if err != nil {
 			return res, fmt.Errorf("list ipvs services: %w", err)
 		}
+		inKernel := map[Key]bool{}
 		for _, s := range svcs {
 			k, ok := keyOf(s)
 			if !ok {
 				continue
 			}
-			// Ours: anything on our dummy interface, or recorded as ours.
-			// Virtual servers others made on node addresses are left alone.
+			inKernel[k] = true
+			// Ours: recorded as ours, or on our dummy interface (where
+			// kube-proxy, or a miniproxy older than the record, put
+			// them). Others' virtual servers are left alone.
 			if boundSet[k.IP] || b.owned[k] {
 				consider[k] = true
 			}
 		}
 		for k := range want {
 			consider[k] = true
+		}
+		for k := range b.owned {
+			if !inKernel[k] && want[k] == nil {
+				gone = append(gone, k)
+			}
 		}
 	} else {
 		for k, vs := range want {
@@ -230,20 +268,46 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		}
 	}
 
-	calls := 0
+	// Record before creating: a virtual server exists only once the
+	// kernel's record names it, so a SIGKILL at any later instant leaves
+	// nothing a restart or --cleanup cannot find. (The converse, a record
+	// without its virtual server, is harmless: it is dropped below.)
+	var intents []Key
+	for k := range want {
+		if !b.owned[k] {
+			intents = append(intents, k)
+		}
+	}
+	if len(intents) > 0 {
+		if err := recordOwned(b.nft, intents); err != nil {
+			b.last = nil
+			return res, err
+		}
+		for _, k := range intents {
+			b.owned[k] = true
+		}
+	}
+
+	calls := len(intents)
 	var errs []error
 	for _, k := range sortedKeys(consider) {
 		if err := ctx.Err(); err != nil {
+			b.last = nil
 			return res, err
 		}
 		n, err := b.reconcileVS(k, want[k])
 		calls += n
 		if err != nil {
 			errs = append(errs, err)
+		} else if want[k] == nil {
+			gone = append(gone, k)
 		}
 		if want[k] != nil {
 			res.Changed++
 		}
+	}
+	if b.afterVirtualServers != nil {
+		b.afterVirtualServers()
 	}
 
 	// Bind wanted addresses, then drop the ones no virtual server uses.
@@ -270,13 +334,25 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		}
 	}
 
-	if res.Full || b.last == nil || !sameFilter(&b.last.Filter, &plan.Filter) || !sameAddrs(b.last.BindAddrs, plan.BindAddrs) {
-		n, err := queueTable(b.nft, &plan.Filter, plan.BindAddrs)
+	// The table is rewritten with the record minus what is gone (deleted
+	// above, or found absent), in the same batch as the filter, so the
+	// record shrinks only after the virtual servers are gone.
+	if res.Full || b.last == nil || len(gone) > 0 || !sameFilter(&b.last.Filter, &plan.Filter) || !sameAddrs(b.last.BindAddrs, plan.BindAddrs) {
+		keep := make(map[Key]bool, len(b.owned))
+		for k := range b.owned {
+			keep[k] = true
+		}
+		for _, k := range gone {
+			delete(keep, k)
+		}
+		n, err := queueTable(b.nft, &plan.Filter, plan.BindAddrs, sortedKeys(keep))
 		if err == nil {
 			err = b.nft.Flush()
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("nftables table %s: %w", TableName, err))
+		} else {
+			b.owned = keep
 		}
 		calls += n
 	}
@@ -289,14 +365,6 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	}
 	b.last = plan
 	b.lastVS = want
-	for k := range b.owned {
-		if want[k] == nil {
-			delete(b.owned, k)
-		}
-	}
-	for k := range want {
-		b.owned[k] = true
-	}
 	return res, nil
 }
 
@@ -410,15 +478,20 @@ func (b *Backend) Draining() map[Key][]netip.AddrPort {
 	return out
 }
 
-// Cleanup removes miniproxy's virtual servers, the dummy interface and the
-// nftables table, and nothing else.
+// Cleanup removes miniproxy's virtual servers (those in the ownership record
+// and those on kube-ipvs0's addresses), then the dummy interface and the
+// nftables table, and nothing else. The interface and the table are the
+// evidence of ownership, so they are removed only once every owned virtual
+// server is gone; after a failure a second --cleanup finds the rest.
 func (b *Backend) Cleanup(ctx context.Context) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	var errs []error
+	if b.ipvs == nil {
+		return errClosed
+	}
 	rec, err := readOwnedVIPs(b.nft)
 	if err != nil {
-		errs = append(errs, err)
+		return fmt.Errorf("ipvs cleanup: %w", err)
 	}
 	owned := map[Key]bool{}
 	for _, k := range rec {
@@ -429,24 +502,29 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	}
 	bound := map[netip.Addr]bool{}
 	link, lerr := b.nl.LinkByName(b.opts.Interface)
-	if lerr == nil {
+	var nf netlink.LinkNotFoundError
+	switch {
+	case lerr == nil:
 		addrs, err := b.addrList(link)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("list addresses of %s: %w", b.opts.Interface, err))
+			return fmt.Errorf("ipvs cleanup: list addresses of %s: %w", b.opts.Interface, err)
 		}
 		for _, a := range addrs {
 			if ip, ok := netip.AddrFromSlice(a.IP); ok {
 				bound[ip.Unmap()] = true
 			}
 		}
+	case !errors.As(lerr, &nf):
+		return fmt.Errorf("ipvs cleanup: look up %s: %w", b.opts.Interface, lerr)
 	}
 	svcs, err := b.ipvs.GetServices()
 	if err != nil {
-		errs = append(errs, fmt.Errorf("list ipvs services: %w", err))
+		return fmt.Errorf("ipvs cleanup: list ipvs services: %w", err)
 	}
+	var errs []error
 	for _, s := range svcs {
-		if ctx.Err() != nil {
-			return ctx.Err()
+		if err := ctx.Err(); err != nil {
+			return err
 		}
 		k, ok := keyOf(s)
 		if ok && (bound[k.IP] || owned[k]) {
@@ -454,6 +532,13 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 				errs = append(errs, fmt.Errorf("delete virtual server %s: %w", k, err))
 			}
 		}
+	}
+	b.last, b.lastVS = nil, nil
+	b.draining = map[Key]map[netip.AddrPort]bool{}
+	if len(errs) > 0 {
+		b.owned = owned
+		return fmt.Errorf("ipvs cleanup (kept %s and table %s as the record of what is left): %w",
+			b.opts.Interface, TableName, errors.Join(errs...))
 	}
 	if lerr == nil {
 		if err := b.nl.LinkDel(link); err != nil {
@@ -466,9 +551,7 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	if err := b.nft.Flush(); err != nil {
 		errs = append(errs, fmt.Errorf("delete nftables table %s: %w", TableName, err))
 	}
-	b.last, b.lastVS = nil, nil
 	b.owned = map[Key]bool{}
-	b.draining = map[Key]map[netip.AddrPort]bool{}
 	return errors.Join(errs...)
 }
 

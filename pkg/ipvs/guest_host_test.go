@@ -40,6 +40,9 @@ var guestFeatures = map[string]string{
 	"DriftRepair":                    "drift repair (virtual server, VIP, filter table deleted by hand)",
 	"RestartReconcileAndCleanup":     "restart reconcile and --cleanup leave others' virtual servers",
 	"StrictARPOnlyInNodeNamespace":   "strictARP sysctls only in the node namespace",
+	"CrashBetweenCreateAndRecord":    "SIGKILL between creating virtual servers and recording them: restart and --cleanup remove every owned one",
+	"ForeignVirtualServersSurvive":   "other software's virtual servers untouched by syncs, a crash, a restart and --cleanup",
+	"SIGKILLDuringLargeSync":         "SIGKILL at random points of a large sync: converges, nothing duplicate or stale (scaled down for TCG)",
 }
 
 // matrixRow has the shape of test/e2e/framework.Result, so the e2e suite can
@@ -107,8 +110,8 @@ func TestGuest(t *testing.T) {
 	var console strings.Builder
 	res, err := guest.Run(ctx, guest.Options{
 		Binary:  bin,
-		Args:    []string{"-test.v", "-test.run", "^TestKernel$", "-test.timeout", "8m"},
-		Env:     []string{guest.InGuestEnv + "=1"},
+		Args:    []string{"-test.v", "-test.run", guestRun(), "-test.timeout", "8m"},
+		Env:     guestEnv(),
 		Modules: guestModules,
 		Timeout: 9 * time.Minute,
 		Console: &console,
@@ -169,12 +172,36 @@ func TestGuest(t *testing.T) {
 				t.Skipf("skipped in guest: %s", strings.Join(r.Output, "; "))
 			default:
 				t.Logf("passed in guest (%v)", r.Elapsed)
+				for _, line := range r.Output {
+					t.Log(line)
+				}
 			}
 		})
 	}
 	if seen == 0 || res.ExitCode != 0 && !t.Failed() {
 		t.Fatalf("guest exit status %d with %d subtests reported:\n%s", res.ExitCode, seen, lastLines(res.Output, 60))
 	}
+}
+
+// guestRun is the -test.run pattern inside the guest: TestKernel, or some of
+// its subtests with MINIPROXY_GUEST_RUN (e.g. "SIGKILL|Crash").
+func guestRun() string {
+	if v := os.Getenv("MINIPROXY_GUEST_RUN"); v != "" {
+		return "^TestKernel$/" + v
+	}
+	return "^TestKernel$"
+}
+
+// guestEnv is the guest test's environment: the in-guest marker and the
+// crash tests' size and seed, when set on the host.
+func guestEnv() []string {
+	env := []string{guest.InGuestEnv + "=1"}
+	for _, k := range []string{crashServicesEnv, crashTrialsEnv, crashSeedEnv} {
+		if v := os.Getenv(k); v != "" {
+			env = append(env, k+"="+v)
+		}
+	}
+	return env
 }
 
 func sortedFeatureNames() []string {

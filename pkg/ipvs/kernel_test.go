@@ -315,6 +315,9 @@ func TestKernel(t *testing.T) {
 			}
 		}
 	})
+	t.Run("CrashBetweenCreateAndRecord", testCrashBetweenCreateAndRecord)
+	t.Run("ForeignVirtualServersSurvive", testForeignVirtualServersSurvive)
+	t.Run("SIGKILLDuringLargeSync", testSIGKILLDuringLargeSync)
 	t.Run("StrictARPOnlyInNodeNamespace", func(t *testing.T) {
 		before, _ := os.ReadFile("/proc/sys/net/ipv4/conf/all/arp_ignore")
 		l := newLab(t, 1, Options{StrictARP: true})

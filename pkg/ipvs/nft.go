@@ -8,6 +8,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
@@ -16,6 +17,14 @@ import (
 // TableName is the nftables table (family inet) miniproxy's IPVS mode owns.
 // Nothing outside it is ever touched.
 const TableName = "miniproxy-ipvs"
+
+// ownedSetName (+ "4" / "6") is the set in TableName that records every
+// virtual server miniproxy may have created. No rule uses it: it is the
+// ownership record a restarted process and --cleanup read back. A key is
+// added before its virtual server is created and removed only after the
+// virtual server is gone, so at every instant the kernel's record covers
+// every virtual server miniproxy made (see Backend.Sync).
+const ownedSetName = "owned-vs"
 
 // Register numbers: NFT_REG32_00 onwards, so concatenated keys can be built
 // field by field (each field padded to 4 bytes, as nft does).
@@ -136,11 +145,99 @@ func lastAddr(p netip.Prefix) netip.Addr {
 	return a
 }
 
+// batchSendBuffer is the send buffer of the nftables socket. A batch is one
+// datagram, and a table write carries every virtual server in three or four
+// sets (~30 bytes each), so the default buffer (~208 KiB) fails with
+// EMSGSIZE past a few thousand virtual servers. It is a limit: only what a
+// batch uses is allocated.
+const batchSendBuffer = 64 << 20
+
+// bigSendBuffer raises the socket's send buffer to batchSendBuffer
+// (SO_SNDBUFFORCE, which needs CAP_NET_ADMIN, as the rest of the backend does;
+// else SO_SNDBUF, capped by net.core.wmem_max).
+func bigSendBuffer(c *netlink.Conn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("nftables socket: %w", err)
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, batchSendBuffer); serr != nil {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, batchSendBuffer)
+		}
+	}); err != nil {
+		return fmt.Errorf("nftables socket: %w", err)
+	}
+	if serr != nil {
+		return fmt.Errorf("nftables socket send buffer: %w", serr)
+	}
+	return nil
+}
+
+// elemChunk bounds the elements per netlink message: the element list is one
+// attribute, whose length is 16 bits, so a few thousand elements in one
+// message overflow it and the kernel rejects the batch.
+const elemChunk = 1024
+
+// addSet queues the creation of s (a no-op if it exists) and its elements in
+// messages of at most elemChunk elements. Interval sets (a few prefixes
+// each) go in one message so no start/end pair is split.
+func addSet(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement) error {
+	if s.Interval {
+		if err := c.AddSet(s, elems); err != nil {
+			return fmt.Errorf("queue set %s: %w", s.Name, err)
+		}
+		return nil
+	}
+	if err := c.AddSet(s, nil); err != nil {
+		return fmt.Errorf("queue set %s: %w", s.Name, err)
+	}
+	for len(elems) > 0 {
+		n := min(len(elems), elemChunk)
+		if err := c.SetAddElements(s, elems[:n]); err != nil {
+			return fmt.Errorf("queue elements of set %s: %w", s.Name, err)
+		}
+		elems = elems[n:]
+	}
+	return nil
+}
+
+func ownedSet(t *nftables.Table, fi famInfo) *nftables.Set {
+	return &nftables.Set{Table: t, Name: ownedSetName + fi.suffix, KeyType: fi.vipType(), Concatenation: true}
+}
+
+func keyElems(keys []Key, f model.Family) []nftables.SetElement {
+	var out []nftables.SetElement
+	for _, k := range keys {
+		if model.FamilyOf(k.IP) == f {
+			out = append(out, nftables.SetElement{Key: vipKey(k)})
+		}
+	}
+	return out
+}
+
+// recordOwned adds keys to the ownership record in one batch, creating the
+// table and the sets if they do not exist yet and leaving everything else in
+// the table as it is (add without "exclusive" is a no-op on what exists).
+func recordOwned(c *nftables.Conn, keys []Key) error {
+	t := c.AddTable(&nftables.Table{Name: TableName, Family: nftables.TableFamilyINet})
+	for _, fi := range families {
+		if err := addSet(c, ownedSet(t, fi), keyElems(keys, fi.f)); err != nil {
+			return err
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("record %d virtual servers in %s: %w", len(keys), TableName, err)
+	}
+	return nil
+}
+
 // queueTable queues, on c, the replacement of miniproxy's table by one
-// rendered from f and the addresses bound to kube-ipvs0. The caller's Flush
-// sends it as one netlink batch, so the swap is atomic. It returns the number
-// of rules and set elements queued.
-func queueTable(c *nftables.Conn, f *Filter, bound []netip.Addr) (int, error) {
+// rendered from f, the addresses bound to kube-ipvs0 and the ownership record
+// owned. The caller's Flush sends it as one netlink batch, so the swap is
+// atomic and the record is never absent. It returns the number of rules and
+// set elements queued.
+func queueTable(c *nftables.Conn, f *Filter, bound []netip.Addr, owned []Key) (int, error) {
 	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}
 	// add + delete + add: replaces the table whether or not it exists,
 	// inside one transaction.
@@ -177,25 +274,17 @@ func queueTable(c *nftables.Conn, f *Filter, bound []netip.Addr) (int, error) {
 	n++
 
 	addSet := func(s *nftables.Set, elems []nftables.SetElement) error {
-		if err := c.AddSet(s, elems); err != nil {
-			return fmt.Errorf("queue set %s: %w", s.Name, err)
-		}
 		n += len(elems)
-		return nil
+		return addSet(c, s, elems)
 	}
 	lookup := func(s *nftables.Set, reg uint32, invert bool) *expr.Lookup {
 		return &expr.Lookup{SourceRegister: reg, SetName: s.Name, SetID: s.ID, Invert: invert}
 	}
-	byFam := func(keys []Key, fi famInfo) []nftables.SetElement {
-		var out []nftables.SetElement
-		for _, k := range keys {
-			if model.FamilyOf(k.IP) == fi.f {
-				out = append(out, nftables.SetElement{Key: vipKey(k)})
-			}
-		}
-		return out
-	}
+	byFam := func(keys []Key, fi famInfo) []nftables.SetElement { return keyElems(keys, fi.f) }
 	for _, fi := range families {
+		if err := addSet(ownedSet(t, fi), byFam(owned, fi)); err != nil {
+			return n, err
+		}
 		vipSet := func(name string) *nftables.Set {
 			return &nftables.Set{Table: t, Name: name + fi.suffix, KeyType: fi.vipType(), Concatenation: true}
 		}
@@ -303,8 +392,10 @@ func concat(parts ...[]expr.Any) []expr.Any {
 	return out
 }
 
-// readOwnedVIPs returns the virtual servers recorded in the all-vips sets of
-// miniproxy's table, or nil when the table does not exist.
+// readOwnedVIPs returns the virtual servers recorded in miniproxy's table, or
+// nil when the table does not exist: the owned-vs sets, and the all-vips sets
+// that were the record of earlier versions (every key in all-vips is in
+// owned-vs when this version wrote the table, so reading both is harmless).
 func readOwnedVIPs(c *nftables.Conn) ([]Key, error) {
 	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}
 	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
@@ -320,11 +411,16 @@ func readOwnedVIPs(c *nftables.Conn) ([]Key, error) {
 	if !found {
 		return nil, nil
 	}
+	sets, err := c.GetSets(t)
+	if err != nil {
+		return nil, fmt.Errorf("list sets of %s: %w", TableName, err)
+	}
 	var out []Key
-	for _, fi := range families {
-		s, err := c.GetSetByName(t, "all-vips"+fi.suffix)
-		if err != nil {
-			continue // an older or foreign layout: nothing to recover
+	for _, s := range sets {
+		switch s.Name {
+		case ownedSetName + "4", ownedSetName + "6", "all-vips4", "all-vips6":
+		default:
+			continue
 		}
 		els, err := c.GetSetElements(s)
 		if err != nil {

@@ -12,6 +12,14 @@
 // kube-proxy's ipsets, programmed through netlink), so a node needs no
 // iptables or ipset binaries — which also keeps the qemu guest that tests this
 // backend down to one static binary.
+//
+// Ownership: IPVS virtual servers carry no owner or comment, so the table
+// keeps a record (the owned-vs sets) of every virtual server miniproxy may
+// have created. Sync adds keys to it before creating virtual servers and
+// drops them only after deleting them; a restarted process and --cleanup
+// read it back. Virtual servers on kube-ipvs0's addresses also count as ours
+// (kube-proxy's, or those of a miniproxy older than the record); every other
+// virtual server is someone else's and is never touched.
 package ipvs
 
 import (
@@ -104,8 +112,9 @@ type Filter struct {
 	// AllVIPs is every virtual server; together with the addresses on
 	// kube-ipvs0 it lets the filter reject new connections to a service
 	// address on a port that is not a service port (else the node's own
-	// sockets would answer there). It is also the ownership record of the
-	// virtual servers on node addresses, read back after a restart.
+	// sockets would answer there). Ownership is recorded apart from it
+	// (the owned-vs sets, see nft.go), since a virtual server must be
+	// recorded before it is created.
 	AllVIPs []Key
 	// MasqMark is the fwmark bit that flags a packet for masquerading.
 	MasqMark uint32
