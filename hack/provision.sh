@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Provision the real components the e2e suite and the lab run against:
-#   - Debian tools: iptables nftables conntrack iproute2 ipset
+#   - Debian tools: iptables nftables conntrack iproute2 ipset, and qemu-system-x86
+#     busybox-static xz-utils for the IPVS guest
 #   - etcd v3.6.16, built from the Go module proxy through hack/etcd
 #   - kube-apiserver, kube-proxy and kubectl v1.37.2, built from the Go module
 #     proxy through the wrapper module in hack/k8s.
@@ -42,6 +43,10 @@ declare -A NEED=(
 	[conntrack]=conntrack
 	[ip]=iproute2
 	[ipset]=ipset
+	# The IPVS column runs in a qemu guest (this kernel has no ip_vs).
+	[qemu-system-x86_64]=qemu-system-x86
+	[busybox]=busybox-static
+	[xz]=xz-utils
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -59,7 +64,7 @@ if ((${#missing[@]})); then
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 	step "apt: done"
 else
-	step "apt: all tools present (iptables nft conntrack ip ipset)"
+	step "apt: all tools present (iptables nft conntrack ip ipset qemu busybox xz)"
 fi
 
 # --- 2. kube-apiserver, kube-proxy, kubectl ---------------------------------

@@ -116,6 +116,9 @@ func TestGuest(t *testing.T) {
 		Timeout: 9 * time.Minute,
 		Console: &console,
 	})
+	if errors.Is(err, guest.ErrUnavailable) && guest.Required() {
+		t.Fatalf("the IPVS guest was required (%s=1) but cannot run: %v", guest.RequiredEnv, err)
+	}
 	if errors.Is(err, guest.ErrUnavailable) {
 		rep.Skipped = err.Error()
 		for _, name := range sortedFeatureNames() {

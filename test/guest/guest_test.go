@@ -187,6 +187,9 @@ func TestGuestSelf(t *testing.T) {
 		Timeout: 3 * time.Minute,
 		Console: &console,
 	})
+	if errors.Is(err, ErrUnavailable) && Required() {
+		t.Fatalf("the guest was required (%s=1) but cannot run: %v", RequiredEnv, err)
+	}
 	if errors.Is(err, ErrUnavailable) {
 		t.Skipf("skipping: %v", err)
 	}

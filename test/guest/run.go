@@ -30,6 +30,14 @@ const (
 // host (no qemu, no kernel package); callers skip rather than fail on it.
 var ErrUnavailable = errors.New("guest unavailable")
 
+// RequiredEnv names the variable that turns "the guest cannot run" from a
+// skip into a failure. `make guest` (and so `make test` and CI) sets it: a run
+// that was expected to cover the IPVS column must not pass with it skipped.
+const RequiredEnv = "MINIPROXY_GUEST_REQUIRED"
+
+// Required reports whether RequiredEnv is set to 1.
+func Required() bool { return os.Getenv(RequiredEnv) == "1" }
+
 // Options describe one guest run.
 type Options struct {
 	// Binary is a static executable run as the guest's test (e.g. from

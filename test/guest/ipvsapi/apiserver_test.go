@@ -83,6 +83,9 @@ func TestGuestAPIServer(t *testing.T) {
 	defer writeReport(t, rep)
 	skip := func(why string) {
 		rep.Skipped = why
+		if guest.Required() {
+			t.Fatalf("the guest was required (%s=1) but cannot run: %s", guest.RequiredEnv, why)
+		}
 		t.Skip("skipping: " + why)
 	}
 	if _, err := exec.LookPath(guest.QemuBinary); err != nil {
