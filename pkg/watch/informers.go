@@ -52,7 +52,7 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 	}
 	sliceReg, err := sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onSlice(t, obj, false); onChange() },
-		UpdateFunc: func(_, obj any) { onSlice(t, obj, false); onChange() },
+		UpdateFunc: func(old, obj any) { onSliceUpdate(t, old, obj); onChange() },
 		DeleteFunc: func(obj any) { onSlice(t, obj, true); onChange() },
 	})
 	if err != nil {
@@ -258,6 +258,18 @@ func onSlice(t *Tracker, obj any, deleted bool) {
 		return
 	}
 	t.SetSlice(sl.Namespace, sl.Name, sl, sl.Service)
+}
+
+// onSliceUpdate passes the previous version too: the service-name label
+// can change, and only the previous version says which Service to take the
+// slice from.
+func onSliceUpdate(t *Tracker, oldObj, obj any) {
+	cur, ok := obj.(*Slice)
+	if !ok {
+		return
+	}
+	old, _ := oldObj.(*Slice)
+	t.UpdateSlice(old, cur)
 }
 
 func onNode(t *Tracker, obj any) {
