@@ -145,10 +145,10 @@ func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort,
 			// Set when the Service lists source ranges but none could be
 			// read: the load balancer must admit nobody rather than everybody.
 			LoadBalancerSourceRangesInvalid: rangesInvalid,
-			ExternalPolicyLocal:      externalLocal,
-			InternalPolicyLocal:      internalLocal,
-			AffinitySeconds:          affinity,
-			PreferClose:              preferClose,
+			ExternalPolicyLocal:             externalLocal,
+			InternalPolicyLocal:             internalLocal,
+			AffinitySeconds:                 affinity,
+			PreferClose:                     preferClose,
 		}
 		if exposesNodePort && p.NodePort > 0 && p.NodePort <= 65535 {
 			sp.NodePort = p.NodePort
