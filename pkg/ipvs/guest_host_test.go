@@ -25,21 +25,22 @@ var guestModules = []string{
 
 // guestFeatures names each guest case as a row of the e2e matrix.
 var guestFeatures = map[string]string{
-	"ClusterIPTCP":                   "ClusterIP TCP reaches every endpoint; off-cluster client masqueraded",
-	"ClusterIPUDP":                   "ClusterIP UDP reaches every endpoint",
-	"RoundRobinExactlyEven":          "scheduler rr spreads exactly evenly",
-	"NoMasqueradeFromPods":           "masquerade: pod source kept (cluster-CIDR detector)",
-	"SchedulerSHSourceSticky":        "scheduler sh keeps a source on one endpoint",
-	"SchedulerMHSourceSticky":        "scheduler mh keeps a source on one endpoint",
-	"SessionAffinityPersistence":     "sessionAffinity ClientIP (IPVS persistence)",
-	"EndpointChangePropagates":       "endpoint change propagation (partial sync)",
-	"GracefulDrain":                  "graceful termination: weight 0, delete when connections end",
-	"NodePort":                       "NodePort on node addresses, masqueraded",
-	"ServiceAddressOnlyServicePorts": "service address rejects non-service ports",
-	"LoadBalancerSourceRanges":       "loadBalancerSourceRanges allow and drop",
-	"DriftRepair":                    "drift repair (virtual server, VIP, filter table deleted by hand)",
-	"RestartReconcileAndCleanup":     "restart reconcile and --cleanup leave others' virtual servers",
-	"StrictARPOnlyInNodeNamespace":   "strictARP sysctls only in the node namespace",
+	"ClusterIPTCP":                      "ClusterIP TCP reaches every endpoint; off-cluster client masqueraded",
+	"ClusterIPUDP":                      "ClusterIP UDP reaches every endpoint",
+	"RoundRobinExactlyEven":             "scheduler rr spreads exactly evenly",
+	"NoMasqueradeFromPods":              "masquerade: pod source kept (cluster-CIDR detector)",
+	"SchedulerSHSourceSticky":           "scheduler sh keeps a source on one endpoint",
+	"SchedulerMHSourceSticky":           "scheduler mh keeps a source on one endpoint",
+	"SessionAffinityPersistence":        "sessionAffinity ClientIP (IPVS persistence)",
+	"EndpointChangePropagates":          "endpoint change propagation (partial sync)",
+	"GracefulDrain":                     "graceful termination: weight 0, delete when connections end",
+	"NodePort":                          "NodePort on node addresses, masqueraded",
+	"ServiceAddressOnlyServicePorts":    "service address rejects non-service ports",
+	"LoadBalancerSourceRanges":          "loadBalancerSourceRanges allow and drop",
+	"LoadBalancerSourceRangesNoneValid": "loadBalancerSourceRanges none readable: LB IP admits nobody",
+	"DriftRepair":                       "drift repair (virtual server, VIP, filter table deleted by hand)",
+	"RestartReconcileAndCleanup":        "restart reconcile and --cleanup leave others' virtual servers",
+	"StrictARPOnlyInNodeNamespace":      "strictARP sysctls only in the node namespace",
 }
 
 // matrixRow has the shape of test/e2e/framework.Result, so the e2e suite can
