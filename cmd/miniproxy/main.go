@@ -187,6 +187,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	}()
 
 	tracker := watch.NewTracker(log.With("component", "watch"), "")
+	tracker.CountIgnored(func(reason string) { m.IgnoredObjects.WithLabelValues(reason).Inc() })
 	cleaner := newConntrackCleaner(log, o)
 	var prev *model.Snapshot
 	syncFn := func(ctx context.Context, full bool) error {

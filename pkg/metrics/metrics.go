@@ -71,6 +71,10 @@ type Metrics struct {
 	SyncFailures *prometheus.CounterVec
 	// ServicePorts is the number of service ports in the last synced snapshot.
 	ServicePorts prometheus.Gauge
+	// IgnoredObjects counts odd or malformed parts of Services and
+	// EndpointSlices left out or worked around, by reason (pkg/watch's
+	// Reason constants); each is counted once when it appears.
+	IgnoredObjects *prometheus.CounterVec
 }
 
 // New creates the metrics and registers them on reg.
@@ -135,12 +139,17 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name:      "service_ports",
 			Help:      "Number of service ports in the last successfully synced snapshot",
 		}),
+		IgnoredObjects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "miniproxy",
+			Name:      "ignored_objects_total",
+			Help:      "Odd or malformed parts of Services and EndpointSlices left out or worked around, by reason; each counted once when it appears",
+		}, []string{"reason"}),
 	}
 	for _, c := range []prometheus.Collector{
 		m.SyncDuration, m.SyncFullDuration, m.SyncPartialDuration,
 		m.LastSyncTimestamp, m.LastQueuedTimestamp, m.NetworkProgrammingDuration,
 		m.ServiceChanges, m.EndpointChanges, m.IPTablesRestoreFailures,
-		m.SyncFailures, m.ServicePorts,
+		m.SyncFailures, m.ServicePorts, m.IgnoredObjects,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("registering metrics: %w", err)
