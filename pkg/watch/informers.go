@@ -1,5 +1,12 @@
 // Package watch turns Services, EndpointSlices and this node's Node, watched
 // through client-go informers, into model snapshots. It never talks to the kernel.
+//
+// A slice belongs to the Service its kubernetes.io/service-name label names
+// now: an update that changes the label moves it (Tracker.UpdateSlice).
+// What a Service or its slices hold that cannot be used (problems.go) is
+// left out, reported once per Service and reason, and counted; the rest is
+// converted. loadBalancerSourceRanges fail closed: listed but unreadable
+// ranges admit nobody (model.ServicePort.LoadBalancerSourceRangesInvalid).
 package watch
 
 import (
