@@ -5,7 +5,7 @@ export MINIPROXY_CACHE ?= /var/cache/miniproxy
 BIN := $(CURDIR)/bin
 STATICCHECK_VERSION := v0.7.0
 
-.PHONY: build test unit e2e guest lab bench bench-quick lint provision clean
+.PHONY: build test unit e2e guest lab bench bench-quick lint provision clean fuzz
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
@@ -24,6 +24,19 @@ e2e: build
 	$(MAKE) guest
 	$(GO) run ./test/e2e/matrixmerge e2e-results
 	@cat e2e-results/e2e-matrix.md
+
+# fuzz: run each Go fuzz target for FUZZTIME (default 10s). Without -fuzz
+# the same targets run in `make unit` over their seeds and committed corpora
+# (testdata/fuzz/<Target>); a crash found here is written there as a new
+# corpus entry to commit with its fix.
+FUZZTIME ?= 10s
+FUZZ_TARGETS := ./pkg/watch:FuzzServicePorts ./pkg/watch:FuzzTrackerSlices ./cmd/miniproxy:FuzzParseOptions
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$name in $$pkg for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
 
 # The guest is required here: a run that cannot boot it fails instead of
 # passing with the IPVS column skipped. provision.sh installs qemu.

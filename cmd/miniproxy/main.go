@@ -188,6 +188,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	}()
 
 	tracker := watch.NewTracker(log.With("component", "watch"), "")
+	tracker.CountIgnored(func(reason string) { m.IgnoredObjects.WithLabelValues(reason).Inc() })
 	ctReconciler := newConntrackReconciler(log, o, m)
 	conflicts := &conflictReporter{log: log.With("component", "frontends"), m: m, rec: newEventRecorder(ctx, client),
 		node: o.nodeName, service: tracker.Service}

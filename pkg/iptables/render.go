@@ -478,7 +478,9 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	}
 	// Source ranges only for this family; a Service whose ranges are all of
 	// the other family allows nothing of this family, like kube-proxy.
-	useFW := len(sp.LoadBalancerSourceRanges) > 0 && len(lbIPs) > 0
+	// RestrictsSources, not the list's length: a Service whose ranges all
+	// failed to parse must admit nobody, not everybody.
+	useFW := sp.RestrictsSources() && len(lbIPs) > 0
 	if useFW && extTarget != "" {
 		var rules []string
 		for _, p := range ranges {

@@ -91,6 +91,10 @@ func TestGolden(t *testing.T) {
 	lb.NodePort, lb.LoadBalancerIPs = 30040, mt.Addrs("198.51.100.4")
 	lb.LoadBalancerSourceRanges = mt.Prefixes("203.0.113.0/25")
 
+	// Source ranges listed, none readable: the LB IP must admit nobody.
+	lbClosed := mt.SP("ns", "lb", "", "172.30.0.40", 80, mt.Ep("10.180.0.5", 8080, "node-a"), mt.Ep("10.180.1.5", 8080, "node-b"))
+	lbClosed.NodePort, lbClosed.LoadBalancerIPs, lbClosed.LoadBalancerSourceRangesInvalid = 30040, mt.Addrs("198.51.100.4"), true
+
 	etpLocal := mt.SP("ns", "local", "", "172.30.0.50", 80, mt.Ep("10.180.0.5", 8080, "node-a"), mt.Ep("10.180.1.5", 8080, "node-b"))
 	etpLocal.NodePort, etpLocal.ExternalPolicyLocal, etpLocal.HealthCheckNodePort = 30050, true, 32000
 	etpLocal.LoadBalancerIPs = mt.Addrs("198.51.100.5")
@@ -127,6 +131,7 @@ func TestGolden(t *testing.T) {
 		}},
 		{name: "nodeport-primary", ports: []*model.ServicePort{nodePort}, cfg: func(c *proxy.Config) { c.NodePortPrimary = true }},
 		{name: "loadbalancer-source-ranges", ports: []*model.ServicePort{lb}},
+		{name: "loadbalancer-source-ranges-none-valid", ports: []*model.ServicePort{lbClosed}},
 		{name: "etp-local", ports: []*model.ServicePort{etpLocal, etpNoLocal}},
 		{name: "itp-local", ports: []*model.ServicePort{itpLocal}},
 		{name: "affinity", ports: []*model.ServicePort{affinity}},

@@ -247,6 +247,24 @@ func TestKernel(t *testing.T) {
 			t.Fatalf("source ranges must not apply to the cluster IP: %v", err)
 		}
 	})
+	t.Run("LoadBalancerSourceRangesNoneValid", func(t *testing.T) {
+		// The Service lists source ranges, none readable: nobody may reach
+		// the LB IP (an empty list would let everybody in).
+		l := newLab(t, 3, Options{})
+		lb := "198.51.100.9"
+		l.sync(snap(service("web", vip, model.TCP, 3, func(sp *model.ServicePort) {
+			sp.LoadBalancerIPs = []netip.Addr{netip.MustParseAddr(lb)}
+			sp.LoadBalancerSourceRangesInvalid = true
+		})), true)
+		if _, err := glab.Ask(l.Client, "tcp", glab.ClientIP(0), vipPort); err != nil {
+			t.Fatalf("the cluster IP must still answer: %v", err)
+		}
+		for i := 0; i < 2; i++ {
+			if _, err := glab.Ask(l.Client, "tcp", glab.ClientIP(i), lb+":80"); err == nil {
+				t.Fatalf("source %s reached a load balancer whose source ranges are all unreadable", glab.ClientIP(i))
+			}
+		}
+	})
 	t.Run("DriftRepair", func(t *testing.T) {
 		l := newLab(t, 3, Options{})
 		foreign := l.addForeign(t)

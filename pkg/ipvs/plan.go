@@ -189,7 +189,9 @@ func BuildPlan(snap *model.Snapshot, cfg *proxy.Config, opts PlanOptions, nodeIP
 				// Cluster policy must masquerade so replies come back here.
 				p.Filter.MasqVIPs = append(p.Filter.MasqVIPs, k)
 			}
-			if kind == KindLoadBalancer && len(sp.LoadBalancerSourceRanges) > 0 {
+			// RestrictsSources, not the list's length: a Service whose ranges
+			// all failed to parse must admit nobody, not everybody.
+			if kind == KindLoadBalancer && sp.RestrictsSources() {
 				var allowed []netip.Prefix
 				for _, r := range sp.LoadBalancerSourceRanges {
 					if model.FamilyOf(r.Addr()) == model.FamilyOf(ip) {

@@ -124,6 +124,22 @@ func TestBuildPlan(t *testing.T) {
 				"ranges 198.51.100.9:80/TCP [192.168.50.0/25]\n",
 		},
 		{
+			// Source ranges listed, none readable: a filter entry that allows
+			// nothing, where no entry would allow everybody.
+			name: "load balancer with source ranges none of which parsed",
+			cfg:  proxy.Config{MasqueradeAll: true},
+			sp: func() *model.ServicePort {
+				sp := web()
+				sp.LoadBalancerIPs = []netip.Addr{a("198.51.100.9")}
+				sp.LoadBalancerSourceRangesInvalid = true
+				return sp
+			},
+			want: "ClusterIP 10.96.0.10:80/TCP rr -> 10.244.1.2:8080 10.244.2.2:8080\n" +
+				"LoadBalancer 198.51.100.9:80/TCP rr -> 10.244.1.2:8080 10.244.2.2:8080\n" +
+				"bind [10.96.0.10 198.51.100.9]\ncluster [10.96.0.10:80/TCP] masq [198.51.100.9:80/TCP] local [] all=true\n" +
+				"ranges 198.51.100.9:80/TCP []\n",
+		},
+		{
 			name: "internalTrafficPolicy Local with no local endpoint leaves the VIP with no real server",
 			sp: func() *model.ServicePort {
 				sp := web()

@@ -94,6 +94,11 @@ type Metrics struct {
 	// and miniproxy's IPVS mode runs no iptables-restore), hence the
 	// miniproxy prefix.
 	IPVSSyncFailures *prometheus.CounterVec
+
+	// IgnoredObjects counts odd or malformed parts of Services and
+	// EndpointSlices left out or worked around, by reason (pkg/watch's
+	// Reason constants); each is counted once when it appears.
+	IgnoredObjects *prometheus.CounterVec
 }
 
 // Backend modes, for SyncFailed.
@@ -220,6 +225,11 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name:      "ipvs_sync_failures_total",
 			Help:      "Cumulative IPVS-mode sync failures",
 		}, []string{"ip_family"}),
+		IgnoredObjects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "miniproxy",
+			Name:      "ignored_objects_total",
+			Help:      "Odd or malformed parts of Services and EndpointSlices left out or worked around, by reason; each counted once when it appears",
+		}, []string{"reason"}),
 	}
 	for _, c := range []prometheus.Collector{
 		m.SyncDuration, m.SyncFullDuration, m.SyncPartialDuration,
@@ -227,7 +237,7 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 		m.ServiceChanges, m.EndpointChanges,
 		m.SyncFailures, m.ServicePorts,
 		m.FrontendConflicts, m.FrontendConflictsTotal,
-		m.IPTablesRestoreFailures, m.NFTablesSyncFailures, m.IPVSSyncFailures,
+		m.IPTablesRestoreFailures, m.NFTablesSyncFailures, m.IPVSSyncFailures, m.IgnoredObjects,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("registering metrics: %w", err)

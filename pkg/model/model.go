@@ -121,6 +121,10 @@ type ServicePort struct {
 	ExternalIPs              []netip.Addr
 	LoadBalancerIPs          []netip.Addr
 	LoadBalancerSourceRanges []netip.Prefix
+	// LoadBalancerSourceRangesInvalid is set when the Service lists source
+	// ranges but none of them could be read: the load-balancer IPs then
+	// admit no source at all (fail closed), where an empty list admits all.
+	LoadBalancerSourceRangesInvalid bool
 	// ExternalPolicyLocal is externalTrafficPolicy: Local (only meaningful for
 	// NodePort / LoadBalancer / externalIPs traffic).
 	ExternalPolicyLocal bool
@@ -142,6 +146,14 @@ type ServicePort struct {
 // cluster (NodePort, externalIPs or load-balancer IPs).
 func (sp *ServicePort) HasExternal() bool {
 	return sp.NodePort != 0 || len(sp.ExternalIPs) > 0 || len(sp.LoadBalancerIPs) > 0
+}
+
+// RestrictsSources reports whether load-balancer traffic is limited to
+// LoadBalancerSourceRanges (which may hold nothing of a family, or nothing
+// at all: then that traffic is dropped). Every backend decides on this, not
+// on the length of the list.
+func (sp *ServicePort) RestrictsSources() bool {
+	return len(sp.LoadBalancerSourceRanges) > 0 || sp.LoadBalancerSourceRangesInvalid
 }
 
 // ClusterIP returns the cluster IP of the given family, if any.

@@ -4,9 +4,11 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"strings"
 
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
+	netutils "k8s.io/utils/net"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 )
@@ -50,23 +52,30 @@ func ServicePorts(svc *v1.Service, endpointSlices []*discovery.EndpointSlice) (p
 	for i, sl := range endpointSlices {
 		slices[i] = NewSlice(sl)
 	}
-	return servicePorts(svc, slices)
+	ports, problems, err := servicePorts(svc, slices)
+	for _, p := range problems {
+		warnings = append(warnings, p.String())
+	}
+	return ports, warnings, err
 }
 
-// servicePorts is ServicePorts over converted slices (what the tracker holds).
-func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort, warnings []string, err error) {
+// servicePorts is ServicePorts over converted slices (what the tracker
+// holds), with each problem classified so the tracker can report and count it.
+func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort, problems []Problem, err error) {
 	var clusterIPs []netip.Addr
 	ips := svc.Spec.ClusterIPs
 	if len(ips) == 0 {
 		ips = []string{svc.Spec.ClusterIP}
 	}
 	seenFamily := map[model.Family]bool{}
+	var families familySet
 	for _, s := range ips {
 		ip, perr := netip.ParseAddr(s)
 		if perr != nil {
 			return nil, nil, fmt.Errorf("service %s/%s: cluster IP %q: %w", svc.Namespace, svc.Name, s, perr)
 		}
 		ip = ip.Unmap()
+		families.add(ip)
 		if f := model.FamilyOf(ip); !seenFamily[f] {
 			seenFamily[f] = true
 			clusterIPs = append(clusterIPs, ip)
@@ -74,7 +83,7 @@ func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort,
 	}
 
 	externalIPs, w := parseAddrs("externalIPs", svc.Spec.ExternalIPs)
-	warnings = append(warnings, w...)
+	problems = append(problems, w...)
 	var lbIPs []netip.Addr
 	if svc.Spec.Type == v1.ServiceTypeLoadBalancer {
 		for _, ing := range svc.Status.LoadBalancer.Ingress {
@@ -88,21 +97,14 @@ func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort,
 			}
 			ip, perr := netip.ParseAddr(ing.IP)
 			if perr != nil {
-				warnings = append(warnings, fmt.Sprintf("loadBalancer ingress %q: %v", ing.IP, perr))
+				problems = append(problems, Problem{ReasonInvalidField, fmt.Sprintf("loadBalancer ingress %q: %v", ing.IP, perr)})
 				continue
 			}
 			lbIPs = append(lbIPs, ip.Unmap())
 		}
 	}
-	var ranges []netip.Prefix
-	for _, r := range svc.Spec.LoadBalancerSourceRanges {
-		p, perr := netip.ParsePrefix(r)
-		if perr != nil {
-			warnings = append(warnings, fmt.Sprintf("loadBalancerSourceRanges %q: %v", r, perr))
-			continue
-		}
-		ranges = append(ranges, p.Masked())
-	}
+	ranges, rangesInvalid, w := sourceRanges(svc.Spec.LoadBalancerSourceRanges)
+	problems = append(problems, w...)
 
 	externalLocal := svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal
 	internalLocal := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == v1.ServiceInternalTrafficPolicyLocal
@@ -126,18 +128,18 @@ func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort,
 		switch proto {
 		case model.TCP, model.UDP, model.SCTP:
 		default:
-			warnings = append(warnings, fmt.Sprintf("port %q: unsupported protocol %q", p.Name, p.Protocol))
+			problems = append(problems, Problem{ReasonInvalidField, fmt.Sprintf("port %q: unsupported protocol %q", p.Name, p.Protocol)})
 			continue
 		}
 		if p.Port <= 0 || p.Port > 65535 {
-			warnings = append(warnings, fmt.Sprintf("port %q: invalid port %d", p.Name, p.Port))
+			problems = append(problems, Problem{ReasonInvalidField, fmt.Sprintf("port %q: invalid port %d", p.Name, p.Port)})
 			continue
 		}
 		name := model.ServicePortName{Namespace: svc.Namespace, Name: svc.Name, Port: p.Name, Protocol: proto}
 		if seenPort[name] {
 			// The API forbids it; a second port with one name would
 			// replace the first in the snapshot, in map order.
-			warnings = append(warnings, fmt.Sprintf("port %q/%s listed twice; the first is used", p.Name, proto))
+			problems = append(problems, Problem{ReasonInvalidField, fmt.Sprintf("port %q/%s listed twice; the first is used", p.Name, proto)})
 			continue
 		}
 		seenPort[name] = true
@@ -150,10 +152,13 @@ func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort,
 			ExternalIPs:              externalIPs,
 			LoadBalancerIPs:          lbIPs,
 			LoadBalancerSourceRanges: ranges,
-			ExternalPolicyLocal:      externalLocal,
-			InternalPolicyLocal:      internalLocal,
-			AffinitySeconds:          affinity,
-			PreferClose:              preferClose,
+			// Set when the Service lists source ranges but none could be
+			// read: the load balancer must admit nobody rather than everybody.
+			LoadBalancerSourceRangesInvalid: rangesInvalid,
+			ExternalPolicyLocal:             externalLocal,
+			InternalPolicyLocal:             internalLocal,
+			AffinitySeconds:                 affinity,
+			PreferClose:                     preferClose,
 		}
 		if exposesNodePort && p.NodePort > 0 && p.NodePort <= 65535 {
 			sp.NodePort = p.NodePort
@@ -161,55 +166,99 @@ func servicePorts(svc *v1.Service, slices []*Slice) (ports []*model.ServicePort,
 		if externalLocal && svc.Spec.Type == v1.ServiceTypeLoadBalancer {
 			sp.HealthCheckNodePort = svc.Spec.HealthCheckNodePort
 		}
-		eps, w := endpointsFor(p.Name, proto, slices)
-		warnings = append(warnings, w...)
-		sp.Endpoints = eps
+		sp.Endpoints = endpointsFor(p.Name, proto, slices, families)
 		ports = append(ports, sp)
 	}
-	return ports, warnings, nil
+	problems = append(problems, sliceProblems(svc, slices, families)...)
+	return ports, problems, nil
 }
 
-func parseAddrs(field string, in []string) ([]netip.Addr, []string) {
+func parseAddrs(field string, in []string) ([]netip.Addr, []Problem) {
 	var out []netip.Addr
-	var warnings []string
+	var problems []Problem
 	for _, s := range in {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {
-			warnings = append(warnings, fmt.Sprintf("%s %q: %v", field, s, err))
+			problems = append(problems, Problem{ReasonInvalidField, fmt.Sprintf("%s %q: %v", field, s, err)})
 			continue
 		}
 		out = append(out, ip.Unmap())
 	}
-	return out, warnings
+	return out, problems
+}
+
+// sourceRanges parses spec.loadBalancerSourceRanges the way kube-proxy and
+// the apiserver's validation read it: surrounding spaces are allowed (a
+// historical accident the API keeps), and IPv4 octets with leading zeros
+// are read as decimal (legacy objects the apiserver still admits). An entry
+// that still does not parse admits nobody and is reported. invalid is true
+// when the list is not empty but no entry parsed: kube-proxy then treats
+// the Service as having no source ranges and opens its load balancer to
+// everyone; miniproxy closes it instead.
+func sourceRanges(in []string) (ranges []netip.Prefix, invalid bool, problems []Problem) {
+	for _, r := range in {
+		p, err := parseCIDR(strings.TrimSpace(r))
+		if err != nil {
+			problems = append(problems, Problem{ReasonSourceRange, fmt.Sprintf("loadBalancerSourceRanges %q: %v (admits nobody)", r, err)})
+			continue
+		}
+		ranges = append(ranges, p)
+	}
+	if len(in) > 0 && len(ranges) == 0 {
+		invalid = true
+		problems = append(problems, Problem{ReasonSourceRange, fmt.Sprintf("none of loadBalancerSourceRanges %q parses: the load balancer IPs admit no source", in)})
+	}
+	return ranges, invalid, problems
+}
+
+// parseCIDR parses a CIDR strictly, then as the apiserver's legacy
+// validation does (leading zeros in IPv4 octets are decimal). The result is
+// masked and unmapped.
+func parseCIDR(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		if p.Addr().Is4In6() {
+			bits := p.Bits() - 96
+			if bits < 0 {
+				return netip.Prefix{}, fmt.Errorf("IPv4-mapped prefix /%d is shorter than /96", p.Bits())
+			}
+			p = netip.PrefixFrom(p.Addr().Unmap(), bits)
+		}
+		return p.Masked(), nil
+	}
+	_, ipnet, err := netutils.ParseCIDRSloppy(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	addr, ok := netip.AddrFromSlice(ipnet.IP)
+	if !ok {
+		return netip.Prefix{}, fmt.Errorf("CIDR %q: unusable address", s)
+	}
+	ones, _ := ipnet.Mask.Size()
+	return netip.PrefixFrom(addr.Unmap(), ones).Masked(), nil
 }
 
 // endpointsFor merges the endpoints of every slice that carries the named
 // port. An endpoint listed twice (slices are rewritten non-atomically) is kept
-// once, preferring the copy that is ready, then serving.
-func endpointsFor(portName string, proto model.Protocol, slices []*Slice) ([]model.Endpoint, []string) {
-	var warnings []string
+// once, preferring the copy that is ready, then serving. Endpoints of a
+// family the Service has no cluster IP of are left out, as kube-proxy's
+// per-family endpoint cache does: they could never be reached through the
+// Service, and counting them would skew eligibility (a ready IPv6 endpoint
+// would hide the terminating fallback of an IPv4-only Service). Problems are
+// reported once per Service by sliceProblems, not per port.
+func endpointsFor(portName string, proto model.Protocol, slices []*Slice, families familySet) []model.Endpoint {
 	byAddr := map[netip.AddrPort]model.Endpoint{}
 	for _, sl := range slices {
-		if sl.AddressType != discovery.AddressTypeIPv4 && sl.AddressType != discovery.AddressTypeIPv6 {
+		if !families.admitsSlice(sl.AddressType) {
 			continue
 		}
-		var port int32
-		found := false
-		for _, p := range sl.Ports {
-			if p.Name == portName && p.Protocol == proto && p.Port != 0 {
-				port, found = p.Port, true
-				break
-			}
-		}
-		if !found {
+		port, found := slicePort(sl, portName, proto)
+		if !found || port <= 0 || port > 65535 {
 			continue
 		}
-		if port <= 0 || port > 65535 {
-			warnings = append(warnings, fmt.Sprintf("slice %s: invalid port %d", sl.Name, port))
-			continue
-		}
-		warnings = append(warnings, sl.Problems...)
 		for _, e := range sl.Endpoints {
+			if !families.has(model.FamilyOf(e.IP)) {
+				continue
+			}
 			ep := model.Endpoint{IP: e.IP, Port: port, Ready: e.Ready, Serving: e.Serving, Terminating: e.Terminating,
 				NodeName: e.NodeName, Zone: e.Zone, ZoneHints: e.ZoneHints}
 			k := ep.AddrPort()
@@ -224,7 +273,18 @@ func endpointsFor(portName string, proto model.Protocol, slices []*Slice) ([]mod
 		out = append(out, ep)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].AddrPort().Compare(out[j].AddrPort()) < 0 })
-	return out, warnings
+	return out
+}
+
+// slicePort returns the port number sl publishes for the Service port
+// (name, protocol); the API leaves it unset (0) for "all ports".
+func slicePort(sl *Slice, portName string, proto model.Protocol) (int32, bool) {
+	for _, p := range sl.Ports {
+		if p.Name == portName && p.Protocol == proto && p.Port != 0 {
+			return p.Port, true
+		}
+	}
+	return 0, false
 }
 
 func rank(e model.Endpoint) int {

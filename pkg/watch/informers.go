@@ -1,5 +1,12 @@
 // Package watch turns Services, EndpointSlices and this node's Node, watched
 // through client-go informers, into model snapshots. It never talks to the kernel.
+//
+// A slice belongs to the Service its kubernetes.io/service-name label names
+// now: an update that changes the label moves it (Tracker.UpdateSlice).
+// What a Service or its slices hold that cannot be used (problems.go) is
+// left out, reported once per Service and reason, and counted; the rest is
+// converted. loadBalancerSourceRanges fail closed: listed but unreadable
+// ranges admit nobody (model.ServicePort.LoadBalancerSourceRangesInvalid).
 package watch
 
 import (
@@ -52,7 +59,7 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 	}
 	sliceReg, err := sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onSlice(t, obj, false); onChange() },
-		UpdateFunc: func(_, obj any) { onSlice(t, obj, false); onChange() },
+		UpdateFunc: func(old, obj any) { onSliceUpdate(t, old, obj); onChange() },
 		DeleteFunc: func(obj any) { onSlice(t, obj, true); onChange() },
 	})
 	if err != nil {
@@ -261,6 +268,18 @@ func onSlice(t *Tracker, obj any, deleted bool) {
 		return
 	}
 	t.SetSlice(sl.Namespace, sl.Name, sl, sl.Service)
+}
+
+// onSliceUpdate passes the previous version too: the service-name label
+// can change, and only the previous version says which Service to take the
+// slice from.
+func onSliceUpdate(t *Tracker, oldObj, obj any) {
+	cur, ok := obj.(*Slice)
+	if !ok {
+		return
+	}
+	old, _ := oldObj.(*Slice)
+	t.UpdateSlice(old, cur)
 }
 
 func onNode(t *Tracker, obj any) {

@@ -1,6 +1,7 @@
 package watch
 
 import (
+	"context"
 	"log/slog"
 	"maps"
 	"reflect"
@@ -39,6 +40,13 @@ type Tracker struct {
 	// frontends gives every frontend one owner (model.Frontends); built
 	// holds the declared ports, the snapshots the effective ones.
 	frontends *model.Frontends
+	// reported holds, for each Service with problems, the reasons already
+	// reported, so an odd object is logged and counted once, not at every
+	// rebuild; a reason that goes away and comes back is reported again.
+	// Only odd Services have an entry.
+	reported map[types.NamespacedName][]string
+	// onIgnored counts a reported problem (the metric); nil counts nothing.
+	onIgnored func(reason string)
 }
 
 // Pending counts the changes consumed by one Snapshot call, for metrics.
@@ -66,6 +74,7 @@ func NewTracker(log *slog.Logger, proxyName string) *Tracker {
 		dirty:     map[types.NamespacedName]bool{},
 		built:     map[types.NamespacedName][]*model.ServicePort{},
 		frontends: model.NewFrontends(),
+		reported:  map[types.NamespacedName][]string{},
 	}
 }
 
@@ -75,6 +84,14 @@ func (t *Tracker) Service(key types.NamespacedName) *v1.Service {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.services[key]
+}
+
+// CountIgnored sets the function called once for every problem reported
+// (reason is one of the Reason constants), normally a metric's Inc.
+func (t *Tracker) CountIgnored(f func(reason string)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.onIgnored = f
 }
 
 func (t *Tracker) noteLocked(now time.Time) {
@@ -105,15 +122,36 @@ func (t *Tracker) SetService(key types.NamespacedName, svc *v1.Service) {
 	t.noteLocked(time.Now())
 }
 
-// SetSlice records an EndpointSlice add or update; slice nil records a delete.
+// SetSlice records an EndpointSlice add or update; slice nil records a
+// delete. serviceName is the slice's kubernetes.io/service-name label ("":
+// the slice belongs to no Service and is not recorded).
 func (t *Tracker) SetSlice(namespace, name string, slice *Slice, serviceName string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.setSliceLocked(namespace, name, slice, serviceName)
+}
+
+// UpdateSlice records an EndpointSlice update from old to cur (both as the
+// informer saw them). A slice whose kubernetes.io/service-name label changed
+// is moved: removed from the Service it used to name, added to the one it
+// names now (none if the label was removed), in one step, so no snapshot
+// sees its endpoints on both or on neither. kube-proxy (v1.37) keys only by
+// the new label and leaves the endpoints on the old Service.
+func (t *Tracker) UpdateSlice(old, cur *Slice) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if old != nil && old.Service != cur.Service {
+		t.setSliceLocked(old.Namespace, old.Name, nil, old.Service)
+	}
+	t.setSliceLocked(cur.Namespace, cur.Name, cur, cur.Service)
+}
+
+func (t *Tracker) setSliceLocked(namespace, name string, slice *Slice, serviceName string) {
 	if serviceName == "" {
 		return
 	}
 	key := types.NamespacedName{Namespace: namespace, Name: serviceName}
 	now := time.Now()
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	list := t.slices[key]
 	i := slices.IndexFunc(list, func(s *Slice) bool { return s.Name == name })
 	if slice == nil {
@@ -130,7 +168,10 @@ func (t *Tracker) SetSlice(namespace, name string, slice *Slice, serviceName str
 		if i >= 0 {
 			old := list[i]
 			list[i] = slice
-			if reflect.DeepEqual(old.Endpoints, slice.Endpoints) && reflect.DeepEqual(old.Ports, slice.Ports) {
+			// addressType is immutable in the API; compared anyway because
+			// it decides whether the endpoints are used at all.
+			if reflect.DeepEqual(old.Endpoints, slice.Endpoints) && reflect.DeepEqual(old.Ports, slice.Ports) &&
+				old.AddressType == slice.AddressType && slices.Equal(old.Problems, slice.Problems) {
 				return
 			}
 		} else {
@@ -190,19 +231,23 @@ func (t *Tracker) Snapshot() (*model.Snapshot, Pending) {
 		delete(t.built, key)
 		svc := t.services[key]
 		if svc == nil {
+			delete(t.reported, key)
 			continue
 		}
 		if why := Ignored(svc, t.proxyName); why != "" {
 			t.log.Debug("ignoring service", "service", key.String(), "reason", why)
+			delete(t.reported, key)
 			continue
 		}
-		ports, warnings, err := servicePorts(svc, t.slices[key])
+		ports, problems, err := servicePorts(svc, t.slices[key])
 		if err != nil {
-			t.log.Error("skipping malformed service", "service", key.String(), "err", err)
-			continue
+			problems = append(problems, Problem{ReasonMalformedService, err.Error()})
+			ports = nil
 		}
-		for _, w := range warnings {
-			t.log.Warn("dropping malformed field", "service", key.String(), "problem", w)
+		problems = append(problems, hintProblems(ports, t.node.Zone)...)
+		t.reportLocked(key, problems)
+		if err != nil {
+			continue
 		}
 		t.built[key] = ports
 		declared = append(declared, ports...)
@@ -228,4 +273,43 @@ func (t *Tracker) Snapshot() (*model.Snapshot, Pending) {
 	p.Conflicts = fc
 	t.pending = Pending{}
 	return snap, p
+}
+
+// reportLocked logs and counts the problems of the Service key whose reason
+// was not already reported for it (one line per reason, with the number of
+// occurrences and the first one's detail), and remembers the current set.
+// A Service with a thousand odd slices is one log line per kind of oddity,
+// and the same oddity is not reported again at every rebuild.
+func (t *Tracker) reportLocked(key types.NamespacedName, problems []Problem) {
+	if len(problems) == 0 {
+		delete(t.reported, key)
+		return
+	}
+	old := t.reported[key]
+	var reasons []string
+	for i, p := range problems {
+		if slices.Contains(reasons, p.Reason) {
+			continue
+		}
+		reasons = append(reasons, p.Reason)
+		if slices.Contains(old, p.Reason) {
+			continue
+		}
+		n := 0
+		for _, q := range problems[i:] {
+			if q.Reason == p.Reason {
+				n++
+			}
+		}
+		level := slog.LevelWarn
+		if p.Reason == ReasonMalformedService || p.Reason == ReasonSourceRange {
+			level = slog.LevelError
+		}
+		t.log.Log(context.Background(), level, "ignoring part of a service", "service", key.String(),
+			"reason", p.Reason, "count", n, "detail", p.Detail)
+		if t.onIgnored != nil {
+			t.onIgnored(p.Reason)
+		}
+	}
+	t.reported[key] = reasons
 }

@@ -97,6 +97,15 @@ func TestGolden(t *testing.T) {
 			sp.Endpoints = eps(ep("10.180.1.30", 443, "node-b"))
 			return []*model.ServicePort{sp}
 		}},
+		{name: "loadbalancer-source-ranges-none-valid", cfg: detector(), sps: func() []*model.ServicePort {
+			// Source ranges listed, none readable: the LB IP admits nobody.
+			sp := fixture.SP("ns3", "lb", 443, "172.30.0.30")
+			sp.NodePort = 31443
+			sp.LoadBalancerIPs = []netip.Addr{fixture.A("198.51.100.1")}
+			sp.LoadBalancerSourceRangesInvalid = true
+			sp.Endpoints = eps(ep("10.180.1.30", 443, "node-b"))
+			return []*model.ServicePort{sp}
+		}},
 		{name: "etp-local", cfg: detector(), sps: func() []*model.ServicePort {
 			sp := fixture.SP("ns3", "etp", 80, "172.30.0.31")
 			sp.NodePort = 31080

@@ -617,7 +617,9 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 	}
 	// Source ranges apply to LB IPs only (as in kube-proxy). A Service
 	// whose ranges are all of the other family admits nobody of this one.
-	if len(lbs) > 0 && len(sp.LoadBalancerSourceRanges) > 0 {
+	// RestrictsSources, not the list's length: a Service whose ranges all
+	// failed to parse must admit nobody, not everybody.
+	if len(lbs) > 0 && sp.RestrictsSources() {
 		c := &Chain{Name: fwChain}
 		for _, p := range ranges {
 			c.Rules = append(c.Rules, rule(MatchAddr{Src: true, Prefix: p}, Verdict{Kind: Return}))

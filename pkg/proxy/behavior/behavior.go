@@ -150,6 +150,11 @@ func Declared() []*model.ServicePort {
 	lb := mt.SP("ns", "lb", "", "172.30.0.40", 80, mt.Ep("10.180.1.5", 8080, "node-b"))
 	lb.NodePort, lb.LoadBalancerIPs, lb.LoadBalancerSourceRanges = 30040, mt.Addrs("198.51.100.4"), mt.Prefixes("203.0.113.0/25")
 
+	// Source ranges listed but none readable (model.LoadBalancerSourceRangesInvalid):
+	// the LB IP admits nobody; kube-proxy would admit everybody.
+	closed := mt.SP("ns", "lb-closed", "", "172.30.0.41", 80, mt.Ep("10.180.1.5", 8080, "node-b"))
+	closed.NodePort, closed.LoadBalancerIPs, closed.LoadBalancerSourceRangesInvalid = 30041, mt.Addrs("198.51.100.6"), true
+
 	term := mt.SP("ns", "term", "", "172.30.0.80", 80, mt.Terminating("10.180.0.7", 8080, "node-a"), mt.Terminating("10.180.1.7", 8080, "node-b"))
 	mixed := mt.SP("ns", "mixed", "", "172.30.0.81", 80, mt.Terminating("10.180.0.7", 8080, "node-a"), mt.Ep("10.180.1.7", 8080, "node-b"))
 
@@ -171,7 +176,7 @@ func Declared() []*model.ServicePort {
 	sharedA.LoadBalancerIPs, sharedA.LoadBalancerSourceRanges = mt.Addrs("198.51.100.70"), mt.Prefixes("203.0.113.0/25")
 	sharedA.ExternalIPs = mt.Addrs("203.0.113.70", "203.0.113.71", "172.30.0.3")
 
-	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, term, mixed, udp, one, close, sharedZ, sharedA}
+	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, closed, term, mixed, udp, one, close, sharedZ, sharedA}
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -221,6 +226,10 @@ func Cases() []Case {
 		{Name: "itp local without local endpoint drops", Packet: tcp(ClientPod, "172.30.0.61", 80), Want: Verdict{Outcome: Drop}},
 		{Name: "lb source range allowed", Packet: tcp(Outside, "198.51.100.4", 80), Want: fwd(true, "10.180.1.5:8080")},
 		{Name: "lb source range denied", Packet: tcp(Disallowed, "198.51.100.4", 80), Want: Verdict{Outcome: Drop}},
+		{Name: "lb source ranges none readable: in-range source dropped", Packet: tcp(Outside, "198.51.100.6", 80), Want: Verdict{Outcome: Drop}},
+		{Name: "lb source ranges none readable: any source dropped", Packet: tcp(Disallowed, "198.51.100.6", 80), Want: Verdict{Outcome: Drop}},
+		{Name: "lb source ranges none readable: clusterip works", Packet: tcp(ClientPod, "172.30.0.41", 80), Want: fwd(false, "10.180.1.5:8080")},
+		{Name: "lb source ranges none readable: nodeport works", Packet: tcp(Disallowed, "192.168.0.2", 30041), Want: fwd(true, "10.180.1.5:8080")},
 		{Name: "lb nodeport ignores source ranges", Packet: tcp(Disallowed, "192.168.0.2", 30040), Want: fwd(true, "10.180.1.5:8080")},
 		{Name: "terminating endpoints as fallback", Packet: tcp(ClientPod, "172.30.0.80", 80), Want: fwd(false, "10.180.0.7:8080", "10.180.1.7:8080")},
 		{Name: "ready endpoints preferred over terminating", Packet: tcp(ClientPod, "172.30.0.81", 80), Want: fwd(false, "10.180.1.7:8080")},
