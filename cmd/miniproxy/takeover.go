@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"time"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/takeover"
@@ -46,6 +47,7 @@ func afterFirstSync(log *slog.Logger, syncFn func(context.Context, bool) error, 
 // switch, through each backend's Cleanup, which removes only what that mode
 // owns) and kube-proxy's objects of every mode (pkg/takeover).
 func takeOver(ctx context.Context, log *slog.Logger, o *Options) error {
+	start := time.Now()
 	var errs []error
 	for _, mode := range modes {
 		if mode == o.Mode {
@@ -74,7 +76,11 @@ func takeOver(ctx context.Context, log *slog.Logger, o *Options) error {
 		}
 	}
 	_, err := takeover.Run(ctx, takeover.Options{Self: self, Log: log.With("component", "takeover")})
-	return errors.Join(append(errs, err)...)
+	if err = errors.Join(append(errs, err)...); err != nil {
+		return err
+	}
+	log.Info("leftovers of kube-proxy and of miniproxy's other modes checked", "mode", o.Mode, "took", time.Since(start).Round(time.Millisecond))
+	return nil
 }
 
 // closeBackend releases a backend's handles, whichever Close it has.
