@@ -43,12 +43,24 @@ func afterFirstSync(log *slog.Logger, syncFn func(context.Context, bool) error, 
 }
 
 // takeOver removes, once this mode's rules are in, what would otherwise keep
-// answering beside them: miniproxy's own objects of its other modes (a mode
-// switch, through each backend's Cleanup, which removes only what that mode
-// owns) and kube-proxy's objects of every mode (pkg/takeover).
+// answering beside them: kube-proxy's objects of every mode (pkg/takeover,
+// which logs each), then miniproxy's own objects of its other modes (a mode
+// switch), through each backend's Cleanup, which removes only what that
+// mode owns (and restores route_localnet if miniproxy had turned it on).
 func takeOver(ctx context.Context, log *slog.Logger, o *Options) error {
 	start := time.Now()
 	var errs []error
+	// kube-proxy's objects first, each logged (the shared KUBE- names of
+	// iptables mode included), then what only miniproxy's other modes own.
+	self := takeover.Self{Mode: o.Mode, Variant: takeover.DetectVariant(ctx, nil)}
+	for _, f := range []model.Family{model.IPv4, model.IPv6} {
+		if o.proxyConfig.HasFamily(f) {
+			self.Families = append(self.Families, f)
+		}
+	}
+	if _, err := takeover.Run(ctx, takeover.Options{Self: self, Log: log.With("component", "takeover")}); err != nil {
+		errs = append(errs, err)
+	}
 	for _, mode := range modes {
 		if mode == o.Mode {
 			continue
@@ -69,14 +81,7 @@ func takeOver(ctx context.Context, log *slog.Logger, o *Options) error {
 		}
 		closeBackend(b)
 	}
-	self := takeover.Self{Mode: o.Mode, Variant: takeover.DetectVariant(ctx, nil)}
-	for _, f := range []model.Family{model.IPv4, model.IPv6} {
-		if o.proxyConfig.HasFamily(f) {
-			self.Families = append(self.Families, f)
-		}
-	}
-	_, err := takeover.Run(ctx, takeover.Options{Self: self, Log: log.With("component", "takeover")})
-	if err = errors.Join(append(errs, err)...); err != nil {
+	if err := errors.Join(errs...); err != nil {
 		return err
 	}
 	log.Info("leftovers of kube-proxy and of miniproxy's other modes checked", "mode", o.Mode, "took", time.Since(start).Round(time.Millisecond))

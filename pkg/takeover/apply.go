@@ -280,7 +280,7 @@ func Apply(ctx context.Context, o Options, p Plan) error {
 			errs = append(errs, fmt.Errorf("delete kube-proxy's nftables tables: %w", err))
 		} else {
 			for _, t := range p.NFTables {
-				log.Info("removed kube-proxy leftover", "kind", "nftables table", "table", t.String())
+				log.Info("removed leftover", "owner", ownerKubeProxy, "kind", "nftables table", "table", t.String())
 			}
 		}
 	}
@@ -302,7 +302,7 @@ func Apply(ctx context.Context, o Options, p Plan) error {
 			errs = append(errs, fmt.Errorf("destroy ipset %s: %w", s, err))
 			continue
 		}
-		log.Info("removed kube-proxy leftover", "kind", "ipset", "name", s)
+		log.Info("removed leftover", "owner", ownerKubeProxy, "kind", "ipset", "name", s)
 	}
 	return errors.Join(errs...)
 }
@@ -310,7 +310,7 @@ func Apply(ctx context.Context, o Options, p Plan) error {
 func logXTables(log *slog.Logger, x XTablesRemoval, t TableRemoval) {
 	attrs := []any{"variant", x.Variant, "family", fmt.Sprintf("IPv%d", x.Family), "table", t.Table}
 	for _, r := range t.Jumps {
-		log.Info("removed kube-proxy leftover", append(attrs, "kind", "rule", "rule", r)...)
+		log.Info("removed leftover", append(attrs, "owner", owner(t.Table, ruleTarget(r)), "kind", "rule", "rule", r)...)
 	}
 	// A node with 10k Services has 60k per-Service chains: those are
 	// counted, every other chain is named.
@@ -323,10 +323,10 @@ func logXTables(log *slog.Logger, x XTablesRemoval, t TableRemoval) {
 			perService++
 			continue
 		}
-		log.Info("removed kube-proxy leftover", append(attrs, "kind", "chain", "chain", c)...)
+		log.Info("removed leftover", append(attrs, "owner", owner(t.Table, c), "kind", "chain", "chain", c)...)
 	}
 	if perService > 0 {
-		log.Info("removed kube-proxy leftover", append(attrs, "kind", "per-Service chains", "count", perService, "first", sample)...)
+		log.Info("removed leftover", append(attrs, "owner", ownerShared, "kind", "per-Service chains", "count", perService, "first", sample)...)
 	}
 	for _, c := range t.Emptied {
 		log.Warn("kube-proxy chain emptied but kept: another chain still jumps to it", append(attrs, "chain", c)...)
@@ -351,7 +351,7 @@ func applyIPVS(o Options, p Plan, log *slog.Logger) error {
 				errs = append(errs, fmt.Errorf("delete virtual server %s: %w", vs, err))
 				continue
 			}
-			log.Info("removed kube-proxy leftover", "kind", "ipvs virtual server", "vs", vs.String())
+			log.Info("removed leftover", "owner", ownerKubeProxy, "kind", "ipvs virtual server", "vs", vs.String())
 		}
 	}
 	if p.DeleteDummy {
@@ -370,7 +370,7 @@ func applyIPVS(o Options, p Plan, log *slog.Logger) error {
 		case err != nil:
 			errs = append(errs, fmt.Errorf("delete %s: %w", DummyInterface, err))
 		default:
-			log.Info("removed kube-proxy leftover", "kind", "interface", "name", DummyInterface)
+			log.Info("removed leftover", "owner", ownerKubeProxy, "kind", "interface", "name", DummyInterface)
 		}
 	}
 	return errors.Join(errs...)
@@ -399,7 +399,7 @@ func Run(ctx context.Context, o Options) (Plan, error) {
 				chains += len(t.Chains)
 			}
 		}
-		o.log().Info("kube-proxy leftovers removed", "chains", chains, "nftablesTables", len(p.NFTables),
+		o.log().Info("leftovers removed", "chains", chains, "nftablesTables", len(p.NFTables),
 			"virtualServers", len(p.VirtualServers), "ipsets", len(p.IPSets), "took", time.Since(start).Round(time.Millisecond))
 	}
 	return p, err

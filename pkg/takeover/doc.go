@@ -32,6 +32,11 @@
 //     (KUBE-FORWARD, KUBE-PROXY-CANARY, the IPVS-mode chains) and kube-proxy
 //     IPVS's "kube-proxy firewall rules" jumps go. A family miniproxy does
 //     not program (ip6tables on an IPv4-only miniproxy) is not its own.
+//   - Where miniproxy does not run iptables mode in that variant and
+//     family, its own KUBE-NODEPORTS-DISPATCH (nat) and the hooks into it go
+//     too: with the shared names they are a previous iptables-mode run's.
+//     Its localnet guard MINIPROXY-LOCALNET is left to the iptables
+//     backend's Cleanup, which restores route_localnet with it.
 //   - nftables: the tables named kube-proxy of families ip and ip6.
 //   - IPVS, only where the kernel has ip_vs: kube-proxy's kube-ipvs0 dummy
 //     interface and the virtual servers on its addresses, and kube-proxy's

@@ -160,6 +160,30 @@ const DummyInterface = "kube-ipvs0"
 
 var builtinChains = []string{"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 
+// miniproxyOnlyChains are chains of miniproxy's iptables mode that
+// kube-proxy does not have; on a node switched away from iptables mode they
+// go with the shared names (the localnet guard is left to the iptables
+// backend's Cleanup, which also restores route_localnet).
+var miniproxyOnlyChains = map[string][]string{"nat": {iptables.ChainNodePortDispatch}}
+
+// Owners, for the log: who may have created a removed object.
+const (
+	ownerKubeProxy = "kube-proxy"
+	ownerShared    = "kube-proxy or miniproxy's iptables mode"
+	ownerMiniproxy = "miniproxy's iptables mode"
+)
+
+// owner says whose a removable chain is.
+func owner(table, name string) string {
+	switch {
+	case slices.Contains(miniproxyOnlyChains[table], name):
+		return ownerMiniproxy
+	case iptables.OwnedChain(table, name):
+		return ownerShared
+	}
+	return ownerKubeProxy
+}
+
 // isKubeProxyChain reports whether table/name is one of kube-proxy's.
 func isKubeProxyChain(table, name string) bool {
 	if slices.Contains(kubeProxyChains[table], name) {
@@ -285,7 +309,10 @@ func decideXTables(self Self, d XTablesDump) XTablesRemoval {
 	for _, t := range parseSave(d.Save) {
 		remove := map[string]bool{}
 		for _, c := range t.chains {
-			if isKubeProxyChain(t.name, c) && !(own && iptables.OwnedChain(t.name, c)) {
+			if own && iptables.OwnedChain(t.name, c) {
+				continue
+			}
+			if isKubeProxyChain(t.name, c) || (!own && slices.Contains(miniproxyOnlyChains[t.name], c)) {
 				remove[c] = true
 			}
 		}

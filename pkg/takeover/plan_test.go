@@ -98,6 +98,15 @@ const ipvsModeFilter = `*filter
 COMMIT
 `
 
+const dispatchSave = `*nat
+:PREROUTING ACCEPT [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-NODEPORTS-DISPATCH - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service nodeports" -j KUBE-NODEPORTS-DISPATCH
+-A KUBE-NODEPORTS-DISPATCH -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+COMMIT
+`
+
 // removed flattens a plan's xtables part to "variant/IPvN/table/chain" and
 // "variant/IPvN/table/-A ..." strings.
 func removed(p Plan) (chains, jumps, emptied []string) {
@@ -224,6 +233,18 @@ COMMIT
 `}},
 			emptied:      []string{"nft/IPv4/nat/KUBE-SERVICES"},
 			restoreParts: []string{"*nat\n:KUBE-SERVICES - [0:0]\nCOMMIT\n"},
+		},
+		{
+			name:   "not in iptables mode: miniproxy's own KUBE-NODEPORTS-DISPATCH and its hooks go too",
+			self:   Self{Mode: "nftables", Variant: VariantNFT, Families: v4},
+			dumps:  []XTablesDump{{VariantNFT, model.IPv4, dispatchSave}},
+			chains: []string{"nft/IPv4/nat/KUBE-NODEPORTS", "nft/IPv4/nat/KUBE-NODEPORTS-DISPATCH"},
+			jumps:  []string{`nft/IPv4/nat/-A PREROUTING -m comment --comment "kubernetes service nodeports" -j KUBE-NODEPORTS-DISPATCH`},
+		},
+		{
+			name:  "iptables mode: miniproxy's own KUBE-NODEPORTS-DISPATCH stays",
+			self:  Self{Mode: "iptables", Variant: VariantNFT, Families: v4},
+			dumps: []XTablesDump{{VariantNFT, model.IPv4, dispatchSave}},
 		},
 		{
 			name:  "only foreign chains: nothing",

@@ -82,10 +82,11 @@ func swap(t *testing.T, ctx context.Context, old *framework.Proxy, start func() 
 	}
 	synced = time.Now()
 	f = swapFigures{ProxyDownSeconds: synced.Sub(stopAt).Seconds()}
-	if err := framework.WaitFor(ctx, 60*time.Second, 50*time.Millisecond, func() (bool, error) {
+	// Not fatal: the checks that follow say what a missing takeover breaks.
+	if err := framework.WaitFor(ctx, 30*time.Second, 50*time.Millisecond, func() (bool, error) {
 		return strings.Contains(p.Logs(), takeoverDone), nil
 	}); err != nil {
-		t.Fatalf("miniproxy never logged %q: %v\n%s", takeoverDone, err, p.Logs())
+		t.Errorf("miniproxy never logged %q: %v", takeoverDone, err)
 	}
 	f.CleanupSeconds = time.Since(synced).Seconds()
 	// Keep probing across the removal and a little after it.
@@ -233,7 +234,7 @@ func takeoverFrom(t *testing.T, me *framework.ModeEnv, row *framework.Row, kpMod
 	if f.NewConns < 100 {
 		t.Errorf("only %d probes completed", f.NewConns)
 	}
-	t.Logf("kube-proxy's objects removed:\n%s", grepLines(mp.Logs(), "removed kube-proxy leftover", "kube-proxy leftovers removed"))
+	t.Logf("objects removed:\n%s", grepLines(mp.Logs(), "removed leftover", "leftovers removed"))
 
 	row.Note("the Service that existed before the swap follows its endpoints")
 	if err := dep.Scale(ctx, 1); err != nil {
