@@ -227,6 +227,9 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 		log.Info("synced", "mode", o.Mode, "full", res.Full, "changed", res.Changed, "services", len(snap.Services), "rules", res.Rules, "took", took.Round(time.Microsecond))
 		return nil
 	}
+	// After the first successful sync: remove kube-proxy's leftovers and
+	// this node's other miniproxy modes' objects (takeover.go).
+	syncFn = afterFirstSync(log, syncFn, func(ctx context.Context) error { return takeOver(ctx, log, o) })
 	// Burst 2 as kube-proxy: a Service and its EndpointSlice arrive as two
 	// events; both are programmed without waiting out min-sync-period.
 	runner := mpsync.New(mpsync.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod, Burst: 2,

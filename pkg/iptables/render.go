@@ -94,6 +94,11 @@ const localnetRecord = "miniproxy set route_localnet=1 (was 0)"
 // ownedPrefixes are the per-Service chains, all in the nat table.
 var ownedPrefixes = []string{"KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"}
 
+// OwnedChain reports whether the chain name of table is miniproxy's in
+// iptables mode (the package doc's list), for components that must leave
+// miniproxy's chains alone (pkg/takeover).
+func OwnedChain(table, name string) bool { return ownedChain(Table(table), name) }
+
 // ownedChain reports whether table/name is miniproxy's (the package doc's
 // list). Only such chains are ever declared, flushed or deleted.
 func ownedChain(table Table, name string) bool {

@@ -41,12 +41,7 @@ func proxyArgs(impl, mode, kubeconfig, node string) []string {
 		"--healthz-bind-address", "0.0.0.0:10256",
 	}
 	if impl == "kube-proxy" {
-		args = append(args,
-			"--conntrack-max-per-core=0",
-			"--conntrack-tcp-timeout-established=0",
-			"--conntrack-tcp-timeout-close-wait=0",
-			"--v=1",
-		)
+		args = append(append(args, framework.KubeProxyHostSafeArgs...), "--v=1")
 	}
 	return args
 }

@@ -6,17 +6,59 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 )
 
-// Proxy is one miniproxy process running in a node namespace.
+// Proxy is one proxy process running in a node namespace: miniproxy, or
+// upstream kube-proxy (StartKubeProxy) as the one miniproxy replaces.
 type Proxy struct {
 	Node  *Node
 	Mode  string
 	Args  []string
+	Impl  string // "miniproxy" (default) or "kube-proxy"
 	proc  *Process
 	count int // restarts, for log file names
+}
+
+func (p *Proxy) impl() string {
+	if p.Impl == "" {
+		return "miniproxy"
+	}
+	return p.Impl
+}
+
+// KubeProxyHostSafeArgs keep upstream kube-proxy from changing machine-wide
+// settings: nf_conntrack_max, its hash size and the conntrack timeouts are
+// global to the host, not to the node namespace it runs in.
+var KubeProxyHostSafeArgs = []string{
+	"--conntrack-max-per-core=0",
+	"--conntrack-tcp-timeout-established=0",
+	"--conntrack-tcp-timeout-close-wait=0",
+}
+
+// StartKubeProxy starts upstream kube-proxy (hack/provision.sh builds it
+// into the K8s bin dir) in mode on node, with miniproxy's identity and
+// addresses, and waits until its /healthz says it has synced.
+func (c *Cluster) StartKubeProxy(ctx context.Context, node *Node, mode string) (*Proxy, error) {
+	bin := filepath.Join(c.Env.K8sBin, "kube-proxy")
+	if _, err := os.Stat(bin); err != nil {
+		return nil, fmt.Errorf("%s missing: run hack/provision.sh (it builds kube-proxy with kube-apiserver)", bin)
+	}
+	args := []string{
+		"--kubeconfig", c.CP.AdminKubeconfig,
+		"--hostname-override", node.Name,
+		"--proxy-mode", mode,
+		"--cluster-cidr", ClusterCIDR,
+		"--healthz-bind-address", fmt.Sprintf("0.0.0.0:%d", healthzPort),
+		"--metrics-bind-address", "127.0.0.1:10249",
+		"--v=1",
+	}
+	args = append(args, KubeProxyHostSafeArgs...)
+	p := &Proxy{Node: node, Mode: mode, Impl: "kube-proxy", Args: append([]string{bin}, args...)}
+	c.Env.Defer("stop kube-proxy on "+node.Name, func() error { return p.Stop() })
+	return p, p.start(ctx)
 }
 
 // ProxyOptions adjust how miniproxy is started.
@@ -53,7 +95,7 @@ func (c *Cluster) StartProxy(ctx context.Context, node *Node, opts ProxyOptions)
 func (p *Proxy) start(ctx context.Context) error {
 	e := p.Node.c.Env
 	p.count++
-	proc, err := e.start(p.Node.NS, fmt.Sprintf("miniproxy-%s-%d", p.Node.Name, p.count), p.Args[0], p.Args[1:]...)
+	proc, err := e.start(p.Node.NS, fmt.Sprintf("%s-%s-%d", p.impl(), p.Node.Name, p.count), p.Args[0], p.Args[1:]...)
 	if err != nil {
 		return err
 	}
@@ -68,7 +110,7 @@ func (p *Proxy) WaitHealthy(ctx context.Context, timeout time.Duration) error {
 	var last string
 	err := poll(ctx, timeout, 100*time.Millisecond, func() (bool, error) {
 		if exited, werr := p.proc.Exited(); exited {
-			return false, fmt.Errorf("miniproxy on %s exited: %v", p.Node.Name, werr)
+			return false, fmt.Errorf("%s on %s exited: %v", p.impl(), p.Node.Name, werr)
 		}
 		resp, err := hc.Get(url)
 		if err != nil {
@@ -81,7 +123,7 @@ func (p *Proxy) WaitHealthy(ctx context.Context, timeout time.Duration) error {
 		return resp.StatusCode == http.StatusOK, nil
 	})
 	if err != nil {
-		return fmt.Errorf("miniproxy on %s not healthy (last: %s): %w\n--- log ---\n%s", p.Node.Name, last, err, p.Logs())
+		return fmt.Errorf("%s on %s not healthy (last: %s): %w\n--- log ---\n%s", p.impl(), p.Node.Name, last, err, p.Logs())
 	}
 	return nil
 }
