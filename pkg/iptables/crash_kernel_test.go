@@ -85,8 +85,8 @@ func crashMode(t *testing.T, variant, multi string) crashtest.Mode {
 			"nothing jumps to yet (removed by the restart); the hooks are inserted one at a time."
 	}
 	return crashtest.Mode{
-		Name: "iptables (" + tool + ")",
-		Env:  []string{"PATH=" + shim + ":" + os.Getenv("PATH")},
+		Name: "iptables (" + tool + ")", Column: "iptables", Variant: legacyVariant(variant),
+		Env: []string{"PATH=" + shim + ":" + os.Getenv("PATH")},
 		Foreign: func(t testing.TB, ns *netnstest.NS) {
 			// Docker's chains and kubelet's canary: other software's.
 			for _, r := range [][]string{
@@ -138,6 +138,15 @@ func crashMode(t *testing.T, variant, multi string) crashtest.Mode {
 		},
 		Guarantee: guarantee,
 	}
+}
+
+// legacyVariant names the legacy variant in the matrix; iptables-nft is
+// the iptables column's default (Debian's).
+func legacyVariant(v string) string {
+	if v == "legacy" {
+		return "iptables-legacy"
+	}
+	return ""
 }
 
 var (

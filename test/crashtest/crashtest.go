@@ -58,7 +58,7 @@ const (
 	// EnvServices is the number of Services of snapshot A (default 1000;
 	// `make e2e` sets 10000).
 	EnvServices = "MINIPROXY_CRASH_SERVICES"
-	// EnvTrials is the number of kill trials per mode (default 12; 3 with -short).
+	// EnvTrials is the number of kill trials per mode (default 10, the fault suite's minimum; 3 with -short).
 	EnvTrials = "MINIPROXY_CRASH_TRIALS"
 	// EnvSeed fixes the random kill delays (default: time-based, printed).
 	EnvSeed = "MINIPROXY_CRASH_SEED"
@@ -86,7 +86,7 @@ type Params struct {
 // -short.
 func Load(t testing.TB) Params {
 	t.Helper()
-	p := Params{Services: 1000, Endpoints: 3, Trials: 12, Seed: uint64(time.Now().UnixNano())}
+	p := Params{Services: 1000, Endpoints: 3, Trials: 10, Seed: uint64(time.Now().UnixNano())}
 	if testing.Short() {
 		p.Trials = 3
 	}
@@ -249,6 +249,9 @@ const (
 // Mode is one backend (or backend variant) under test.
 type Mode struct {
 	Name string
+	// Column is the e2e matrix's mode column ("iptables", "nftables");
+	// Variant, if set, is added to the row's feature name.
+	Column, Variant string
 	// Env is added to the child's environment (e.g. a PATH that selects
 	// iptables-legacy).
 	Env []string
@@ -282,6 +285,7 @@ type Trial struct {
 
 // Report is one mode's run.
 type Report struct {
+	Column, Variant               string
 	Mode                          string
 	Params                        Params
 	ColdSync, FirstSync, PartSync time.Duration
@@ -582,7 +586,7 @@ func Atomic(m Mode, phase Phase, got, before, target State) (string, error) {
 func Run(t *testing.T, m Mode, p Params, snaps Snapshots) *Report {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(p.Seed, 0x6372617368))
-	rep := &Report{Mode: m.Name, Params: p, Guarantee: m.Guarantee}
+	rep := &Report{Mode: m.Name, Column: m.Column, Variant: m.Variant, Params: p, Guarantee: m.Guarantee}
 	t.Logf("%s: %d Services × %d endpoints, B differs in %d, %d trials, seed %d", m.Name, p.Services, p.Endpoints, p.Changed, p.Trials, p.Seed)
 
 	// Every namespace gets the same foreign objects before miniproxy
@@ -759,7 +763,11 @@ func Write(t testing.TB, file string, reps ...*Report) {
 				ms(tr.Delay), ms(tr.Window), tr.Landed, tr.Sample, ms(tr.Restart), ms(tr.RestartAll), res)
 		}
 		b.WriteString("\n")
-		st := row{Feature: "fault: SIGKILL at random points of a large sync", Mode: r.Mode, Status: "pass", Test: t.Name(),
+		feature := "fault: SIGKILL at random points of a large sync"
+		if r.Variant != "" {
+			feature += " (" + r.Variant + ")"
+		}
+		st := row{Feature: feature, Mode: r.Column, Status: "pass", Test: t.Name(),
 			Reason: fmt.Sprintf("%d trials at %d Services × %d", len(r.Trials), p.Services, p.Endpoints)}
 		if failed > 0 || t.Failed() {
 			st.Status, st.Reason = "fail", fmt.Sprintf("%d of %d trials failed (%s)", failed, len(r.Trials), "crash-"+file+".md")
