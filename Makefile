@@ -21,6 +21,7 @@ unit:
 e2e: build
 	bash hack/provision.sh
 	MINIPROXY_E2E_MODES=$${MINIPROXY_E2E_MODES:-iptables,nftables} $(GO) test -count=1 -v -timeout 40m ./test/e2e/...
+	MINIPROXY_CRASH_SERVICES=$${MINIPROXY_CRASH_SERVICES:-10000} $(GO) test -p 1 -count=1 -v -timeout 60m -run '^TestKernelCrash$$' ./pkg/iptables ./pkg/nftables
 	$(MAKE) guest
 	$(GO) run ./test/e2e/matrixmerge e2e-results
 	@cat e2e-results/e2e-matrix.md

@@ -43,6 +43,20 @@ func run(dir string) error {
 	if err := json.Unmarshal(data, &host); err != nil {
 		return fmt.Errorf("parse e2e-matrix.json: %w", err)
 	}
+	// Fault-suite rows written outside the e2e package (test/crashtest:
+	// crash-<mode>.json, a list of rows).
+	faults, _ := filepath.Glob(filepath.Join(dir, "crash-*.json"))
+	for _, f := range faults {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return err
+		}
+		var rows []framework.Result
+		if err := json.Unmarshal(data, &rows); err != nil {
+			return fmt.Errorf("parse %s: %w", f, err)
+		}
+		host = append(host, rows...)
+	}
 	guests, _ := filepath.Glob(filepath.Join(dir, "ipvs-guest*.json"))
 	m := framework.NewMatrix(framework.KnownModes...)
 	var notes []string
