@@ -71,6 +71,9 @@ type Metrics struct {
 	SyncFailures *prometheus.CounterVec
 	// ServicePorts is the number of service ports in the last synced snapshot.
 	ServicePorts prometheus.Gauge
+	// DriftRepairs counts full syncs that found miniproxy's rules changed
+	// by someone else and repaired them, by proxy mode.
+	DriftRepairs *prometheus.CounterVec
 }
 
 // New creates the metrics and registers them on reg.
@@ -135,12 +138,17 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name:      "service_ports",
 			Help:      "Number of service ports in the last successfully synced snapshot",
 		}),
+		DriftRepairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "miniproxy",
+			Name:      "sync_drift_repairs_total",
+			Help:      "Cumulative full syncs that repaired proxy rules changed by someone else, by proxy mode",
+		}, []string{"mode"}),
 	}
 	for _, c := range []prometheus.Collector{
 		m.SyncDuration, m.SyncFullDuration, m.SyncPartialDuration,
 		m.LastSyncTimestamp, m.LastQueuedTimestamp, m.NetworkProgrammingDuration,
 		m.ServiceChanges, m.EndpointChanges, m.IPTablesRestoreFailures,
-		m.SyncFailures, m.ServicePorts,
+		m.SyncFailures, m.ServicePorts, m.DriftRepairs,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("registering metrics: %w", err)

@@ -49,6 +49,7 @@ func TestScrape(t *testing.T) {
 	m.EndpointChanges.Inc()
 	m.IPTablesRestoreFailures.Inc()
 	m.ServicePorts.Set(42)
+	m.DriftRepairs.WithLabelValues("nftables").Inc()
 
 	body := scrape(t, reg)
 	for _, want := range []string{
@@ -73,6 +74,7 @@ func TestScrape(t *testing.T) {
 		`miniproxy_sync_failures_total{mode="full"} 0`,
 		`miniproxy_sync_failures_total{mode="partial"} 1`,
 		"miniproxy_service_ports 42",
+		`miniproxy_sync_drift_repairs_total{mode="nftables"} 1`,
 	} {
 		if !strings.Contains(body, want+"\n") {
 			t.Errorf("scrape lacks %q", want)
