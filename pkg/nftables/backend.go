@@ -110,6 +110,7 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	}
 	perFamily := map[model.Family]int{}
 	drift := 0
+	chains := chainLists{}
 	for _, t := range desired.Tables {
 		var p *plan
 		var prev *rs.Table
@@ -122,7 +123,7 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		case full && !skipObserve:
 			// Every object is compared: render the compacted ones once.
 			all := t.Expanded()
-			obs, err := b.observe(t.Family, t, all)
+			obs, err := b.observe(t.Family, t, all, chains)
 			if err != nil {
 				return proxy.Result{Full: full}, fmt.Errorf("nftables full sync: reading %s table %s: %w", famName(t.Family), t.Name, err)
 			}

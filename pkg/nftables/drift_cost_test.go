@@ -180,7 +180,8 @@ library's chain, set and element listings; at most 4,000 non-static chains per t
 with this test (MINIPROXY_BENCH_NO_DRIFT=1, since it does not see a changed DNAT): full sync after a foreign
 commit at 10k × 5 took 3.11 s wall / 1.21 s CPU with one table (4,000 of 11,013 chains read) and 4.80 s /
 2.80 s CPU with 16 shards (every chain read: each shard has fewer than 4,000). The check above reads and
-compares every chain, value for value, for 0.78–0.84 s of CPU at 10k × 5: the raw dump socket with one
-reused buffer, no per-attribute allocations, and a chain listing filtered to the table (the library listed
-every chain of the family once per shard table) more than pay for comparing values.
+compares every chain, value for value, for 0.70–0.72 s of CPU at 10k × 5: the raw dump socket with one
+reused buffer, no per-attribute allocations, and one chain listing per family per sync (the kernel ignores
+the table in a chain dump request, so the previous build listed every chain of the family once per shard
+table) more than pay for comparing values.
 `

@@ -38,8 +38,9 @@ type observed struct {
 
 // observe reads table desired.Name of family f back from the kernel and
 // compares it with all (desired, expanded): every chain's hook and rules,
-// every set's shape, every element of the sets that are not dynamic.
-func (b *Backend) observe(f model.Family, desired, all *rs.Table) (*observed, error) {
+// every set's shape, every element of the sets that are not dynamic. cl
+// caches the chain listing across the tables of one sync.
+func (b *Backend) observe(f model.Family, desired, all *rs.Table, cl chainLists) (*observed, error) {
 	c, err := b.conn()
 	if err != nil {
 		return nil, err
@@ -65,7 +66,7 @@ func (b *Backend) observe(f model.Family, desired, all *rs.Table) (*observed, er
 		return nil, err
 	}
 	defer d.Close()
-	if err := compareChains(d, f, t, all, obs); err != nil {
+	if err := compareChains(d, f, t, all, cl, obs); err != nil {
 		return nil, err
 	}
 	if err := compareRules(d, f, desired.Name, all, obs); err != nil {
@@ -87,30 +88,48 @@ func (b *Backend) observe(f model.Family, desired, all *rs.Table) (*observed, er
 	return obs, nil
 }
 
-// compareChains lists the chains of table t (one dump, filtered by table in
-// the kernel) and checks the hook, priority, type and policy of the desired
-// ones.
-func compareChains(d *dumper, f model.Family, t *gnft.Table, all *rs.Table, obs *observed) error {
+// chainLists holds, per family, the chains of every table as the kernel
+// listed them. A chain dump cannot be limited to one table (the kernel
+// ignores the table in the request), so one full sync lists each family's
+// chains once for all of its tables instead of once per table.
+type chainLists map[model.Family]map[string][]*gnft.Chain
+
+func (cl chainLists) of(d *dumper, f model.Family) (map[string][]*gnft.Chain, error) {
+	if m, ok := cl[f]; ok {
+		return m, nil
+	}
+	m := map[string][]*gnft.Chain{}
+	err := d.dump(unix.NFT_MSG_GETCHAIN, byte(tableFamily(f)), nil, func(msg []byte) error {
+		tv, _ := findAttr(msg, unix.NFTA_CHAIN_TABLE)
+		table := string(bytes.TrimRight(tv, "\x00"))
+		m[table] = append(m[table], kernelChain(msg))
+		return nil
+	})
+	if err != nil {
+		// An interrupted listing may lack chains: the plan would add
+		// them again and fail; better to try again next time.
+		return nil, fmt.Errorf("listing chains: %w", err)
+	}
+	cl[f] = m
+	return m, nil
+}
+
+// compareChains takes the chains of table t from the family's listing and
+// checks the hook, priority, type and policy of the desired ones.
+func compareChains(d *dumper, f model.Family, t *gnft.Table, all *rs.Table, cl chainLists, obs *observed) error {
+	lists, err := cl.of(d, f)
+	if err != nil {
+		return err
+	}
 	want := map[string]*rs.Chain{}
 	for _, ch := range all.AllChains() {
 		want[ch.Name] = ch
 	}
-	req := appendStrAttr(nil, unix.NFTA_CHAIN_TABLE, t.Name)
-	err := d.dump(unix.NFT_MSG_GETCHAIN, byte(tableFamily(f)), req, func(msg []byte) error {
-		// The kernel ignores the table in a chain dump request: every
-		// chain of the family comes back.
-		if !attrIs(msg, unix.NFTA_CHAIN_TABLE, t.Name) {
-			return nil
-		}
-		k := kernelChain(msg)
+	for _, k := range lists[t.Name] {
 		obs.chains[k.Name] = true
 		if w := want[k.Name]; w != nil && obs.rebuild == "" && !sameHook(chainSpec(t, w), k) {
 			obs.rebuild = "chain " + k.Name + " has another hook, priority, type or policy"
 		}
-		return nil
-	})
-	if err != nil && !errors.Is(err, errDumpInterrupted) {
-		return fmt.Errorf("listing chains: %w", err)
 	}
 	return nil
 }
