@@ -143,6 +143,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 		return err
 	}
 	m.InitSyncFailures(o.Mode, familyLabels(o.proxyConfig.Families)...)
+	m.DriftRepairs.WithLabelValues(o.Mode) // exported from the start, at 0
 	proxyHealth := health.NewProxyHealth(2*o.SyncPeriod, nil)
 	svcHealth := health.NewServiceHealth(health.ServiceHealthOptions{
 		// Health check ports listen on every address, as kube-proxy does by
@@ -211,6 +212,10 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 			m.NetworkProgrammed(t, now)
 		}
 		m.ServicePorts.Set(float64(len(snap.Services)))
+		if res.Drift > 0 {
+			m.DriftRepairs.WithLabelValues(o.Mode).Inc()
+			log.Warn("repaired rules changed by someone else", "mode", o.Mode, "objects", res.Drift)
+		}
 		proxyHealth.Updated(now)
 		if err := svcHealth.Sync(health.ServicePorts(snap)); err != nil {
 			log.Warn("some health check node ports could not be opened", "err", err)

@@ -224,6 +224,13 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		res.Rules += lines
 		res.Full = res.Full || famFull
 	}
+	if full && !mustFull && gerr == nil && !wasClean {
+		// Someone else committed to nf_tables since our last known-clean
+		// state and this full sync rewrote every chain of ours. Whether
+		// that commit touched our chains is not known without reading
+		// them back (seconds at 10k Services), so it counts as a repair.
+		res.Drift = 1
+	}
 	b.prev = snap
 	b.synced = true
 	// Clean if the kernel matched before this sync (known, or a full sync

@@ -228,13 +228,13 @@ func iptablesUnits(st crashtest.State, table Table, save string) error {
 		case c.policy != "-": // built-in
 			foreign = append(foreign, ":"+name+" "+c.policy)
 			for _, r := range c.rules {
-				if m := reJump.FindStringSubmatch(r); m != nil && ownedChain(m[1]) {
+				if m := reJump.FindStringSubmatch(r); m != nil && ownedChain(table, m[1]) {
 					st[prefix+"hook "+r] = r
 				} else {
 					foreign = append(foreign, r)
 				}
 			}
-		case !ownedChain(name):
+		case !ownedChain(table, name):
 			foreign = append(foreign, ":"+name)
 			foreign = append(foreign, c.rules...)
 		case serviceChain(name):

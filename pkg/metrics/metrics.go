@@ -99,6 +99,9 @@ type Metrics struct {
 	// EndpointSlices left out or worked around, by reason (pkg/watch's
 	// Reason constants); each is counted once when it appears.
 	IgnoredObjects *prometheus.CounterVec
+	// DriftRepairs counts full syncs that found miniproxy's rules changed
+	// by someone else and repaired them, by proxy mode.
+	DriftRepairs *prometheus.CounterVec
 }
 
 // Backend modes, for SyncFailed.
@@ -230,6 +233,11 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name:      "ignored_objects_total",
 			Help:      "Odd or malformed parts of Services and EndpointSlices left out or worked around, by reason; each counted once when it appears",
 		}, []string{"reason"}),
+		DriftRepairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "miniproxy",
+			Name:      "sync_drift_repairs_total",
+			Help:      "Cumulative full syncs that repaired proxy rules changed by someone else, by proxy mode",
+		}, []string{"mode"}),
 	}
 	for _, c := range []prometheus.Collector{
 		m.SyncDuration, m.SyncFullDuration, m.SyncPartialDuration,
@@ -237,7 +245,7 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 		m.ServiceChanges, m.EndpointChanges,
 		m.SyncFailures, m.ServicePorts,
 		m.FrontendConflicts, m.FrontendConflictsTotal,
-		m.IPTablesRestoreFailures, m.NFTablesSyncFailures, m.IPVSSyncFailures, m.IgnoredObjects,
+		m.IPTablesRestoreFailures, m.NFTablesSyncFailures, m.IPVSSyncFailures, m.IgnoredObjects, m.DriftRepairs,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("registering metrics: %w", err)

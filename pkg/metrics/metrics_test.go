@@ -54,6 +54,7 @@ func TestScrape(t *testing.T) {
 	m.SyncFailed(BackendIPVS, "IPv4", "IPv6")
 	m.SyncFailed("userspace", "IPv4") // unknown backend: counted nowhere
 	m.ServicePorts.Set(42)
+	m.DriftRepairs.WithLabelValues("nftables").Inc()
 
 	body := scrape(t, reg)
 	for _, want := range []string{
@@ -82,6 +83,7 @@ func TestScrape(t *testing.T) {
 		`miniproxy_sync_failures_total{mode="full"} 0`,
 		`miniproxy_sync_failures_total{mode="partial"} 1`,
 		"miniproxy_service_ports 42",
+		`miniproxy_sync_drift_repairs_total{mode="nftables"} 1`,
 	} {
 		if !strings.Contains(body, want+"\n") {
 			t.Errorf("scrape lacks %q", want)

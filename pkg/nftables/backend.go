@@ -42,8 +42,6 @@ type Backend struct {
 	// grows faster than linearly).
 	clean bool
 	gen   uint32
-	// rotor is where the next full sync's window of rule checks starts, per table.
-	rotor map[string]int
 }
 
 var _ proxy.Backend = (*Backend)(nil)
@@ -69,7 +67,7 @@ func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("nftables backend: %w", err)
 	}
-	b := &Backend{cfg: cfg, rotor: map[string]int{}, shards: 1}
+	b := &Backend{cfg: cfg, shards: 1}
 	for _, o := range opts {
 		o(b)
 	}
@@ -111,6 +109,8 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		}
 	}
 	perFamily := map[model.Family]int{}
+	drift := 0
+	chains := chainLists{}
 	for _, t := range desired.Tables {
 		var p *plan
 		var prev *rs.Table
@@ -121,11 +121,16 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		case prev == nil:
 			p = replacePlan(t)
 		case full && !skipObserve:
-			obs, err := b.observe(t.Family, t)
+			// Every object is compared: render the compacted ones once.
+			all := t.Expanded()
+			obs, err := b.observe(t.Family, t, all, chains)
 			if err != nil {
 				return proxy.Result{Full: full}, fmt.Errorf("nftables full sync: reading %s table %s: %w", famName(t.Family), t.Name, err)
 			}
-			p = reconcilePlan(prev, t, obs)
+			p = reconcilePlan(prev, t, all, obs)
+			// Drift is what the repair sends beyond the changes since
+			// our last commit (which an incremental sync would send).
+			drift += max(0, p.objects()-incrementalPlan(prev, t).objects())
 		default:
 			p = incrementalPlan(prev, t)
 		}
@@ -141,7 +146,7 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		plans[0].dropTables = stale
 	}
 	msgs, batches, err := b.apply(ctx, plans)
-	res := proxy.Result{Full: full || b.committed == nil, Changed: changed, Rules: msgs}
+	res := proxy.Result{Full: full || b.committed == nil, Changed: changed, Rules: msgs, Drift: drift}
 	if err != nil {
 		// The batch is atomic: the kernel still holds b.committed.
 		b.clean = false

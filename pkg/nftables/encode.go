@@ -147,14 +147,24 @@ func (e *ruleEncoder) marshalExpr(dst []byte, x rs.Expr) ([]byte, error) {
 	return dst, nil
 }
 
-// rule returns the message appending r to chain.
-func (e *ruleEncoder) rule(chain string, r rs.Rule) (netlink.Message, error) {
+// exprs returns the NFTA_LIST_ELEM attributes of r's expressions, as sent
+// in NFTA_RULE_EXPRESSIONS. The slice is scratch space, valid until the next
+// call.
+func (e *ruleEncoder) exprs(r rs.Rule) ([]byte, error) {
 	e.elems = e.elems[:0]
 	for _, x := range r {
 		var err error
 		if e.elems, err = e.appendExpr(e.elems, x); err != nil {
-			return netlink.Message{}, fmt.Errorf("chain %s: %w", chain, err)
+			return nil, err
 		}
+	}
+	return e.elems, nil
+}
+
+// rule returns the message appending r to chain.
+func (e *ruleEncoder) rule(chain string, r rs.Rule) (netlink.Message, error) {
+	if _, err := e.exprs(r); err != nil {
+		return netlink.Message{}, fmt.Errorf("chain %s: %w", chain, err)
 	}
 	strAttr := func(s string) int { return (unix.NLA_HDRLEN + len(s) + 1 + 3) &^ 3 }
 	size := 4 + strAttr(e.table) + strAttr(chain) + unix.NLA_HDRLEN + len(e.elems)

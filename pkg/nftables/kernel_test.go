@@ -89,7 +89,7 @@ func TestKernelReadback(t *testing.T) {
 		}
 	}
 	// The kernel's copy must compare equal to the rendered one in a full
-	// sync (fingerprints of every expression kind, elements of every map).
+	// sync (every expression kind, value for value; elements of every map).
 	ns.MustRun(t, "nft", "add", "table", "ip", "other2")
 	if res := mustSync(t, b, snap, true); res.Rules != 0 {
 		t.Errorf("full sync of an unchanged rich ruleset sent %d messages, want 0", res.Rules)

@@ -1,18 +1,15 @@
 package nftables
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
 	"reflect"
-	"slices"
-	"sort"
-	"strings"
 
 	gnft "github.com/google/nftables"
 	"github.com/google/nftables/expr"
-	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
@@ -21,25 +18,34 @@ import (
 )
 
 // observed is what the kernel really holds in one of our tables, read only on
-// full syncs. Rules are compared by fingerprint (the sequence of expression
-// names per rule): cheap to read in one dump for the whole table, and enough
-// to notice rules deleted, added or replaced by hand.
+// full syncs whose generation check could not rule drift out.
 type observed struct {
 	exists bool
-	chains map[string][]string
-	// checked marks the chains whose rules were read (see chainsToCheck).
-	checked map[string]bool
+	// chains: names of the chains present.
+	chains map[string]bool
+	// drift: chains present whose rules differ from the desired ones in
+	// anything (an expression, a value, the order, a rule too many or
+	// too few).
+	drift map[string]bool
+	// rebuild is why only replacing the table repairs it ("" if not): a
+	// base chain's hook, priority, type or policy, or a set's key, data
+	// type or flags differ, which nf_tables does not let us change in place.
+	rebuild string
 	sets    map[string]bool
 	// elems: map name → element key bytes → verdict ("goto chain").
 	elems map[string]map[string]string
 }
 
-func (b *Backend) observe(f model.Family, desired *rs.Table) (*observed, error) {
+// observe reads table desired.Name of family f back from the kernel and
+// compares it with all (desired, expanded): every chain's hook and rules,
+// every set's shape, every element of the sets that are not dynamic. cl
+// caches the chain listing across the tables of one sync.
+func (b *Backend) observe(f model.Family, desired, all *rs.Table, cl chainLists) (*observed, error) {
 	c, err := b.conn()
 	if err != nil {
 		return nil, err
 	}
-	obs := &observed{chains: map[string][]string{}, checked: map[string]bool{}, sets: map[string]bool{},
+	obs := &observed{chains: map[string]bool{}, drift: map[string]bool{}, sets: map[string]bool{},
 		elems: map[string]map[string]string{}}
 	tables, err := c.ListTablesOfFamily(tableFamily(f))
 	if err != nil {
@@ -55,262 +61,330 @@ func (b *Backend) observe(f model.Family, desired *rs.Table) (*observed, error) 
 		return obs, nil
 	}
 	obs.exists = true
-	chains, err := c.ListChainsOfTableFamily(tableFamily(f))
-	if err != nil {
-		return nil, fmt.Errorf("listing chains: %w", err)
-	}
-	for _, ch := range chains {
-		if ch.Table.Name == desired.Name {
-			obs.chains[ch.Name] = nil
-		}
-	}
-	rules, err := b.dumpRules(f, desired.Name, b.chainsToCheck(desired, obs.chains))
+	d, err := newDumper(b.netns)
 	if err != nil {
 		return nil, err
 	}
-	for ch, fps := range rules {
-		obs.chains[ch] = fps
-		obs.checked[ch] = true
+	defer d.Close()
+	if err := compareChains(d, f, t, all, cl, obs); err != nil {
+		return nil, err
 	}
-	sets, err := c.GetSets(t)
-	if err != nil {
-		return nil, fmt.Errorf("listing sets: %w", err)
+	if err := compareRules(d, f, desired.Name, all, obs); err != nil {
+		return nil, err
 	}
-	for _, s := range sets {
-		obs.sets[s.Name] = true
-		if s.HasTimeout || s.Dynamic {
-			continue // affinity sets hold dynamic state, not ours to compare
+	if err := compareSets(d, f, t, all, obs); err != nil {
+		return nil, err
+	}
+	for _, s := range all.AllSets() {
+		if !obs.sets[s.Name] || s.Timeout > 0 {
+			continue // missing (the plan adds it), or dynamic state that is not ours to compare
 		}
-		els, err := c.GetSetElements(s)
+		m, err := readElements(d, f, t.Name, s.Name)
 		if err != nil {
 			return nil, fmt.Errorf("listing elements of %s: %w", s.Name, err)
-		}
-		m := make(map[string]string, len(els))
-		for _, e := range els {
-			m[string(e.Key)] = elemVerdict(e)
 		}
 		obs.elems[s.Name] = m
 	}
 	return obs, nil
 }
 
-// elemVerdict decodes a verdict map element's value. google/nftables leaves
-// it as the raw NFTA_DATA_VERDICT attributes in Val when listing.
-func elemVerdict(e gnft.SetElement) string {
-	if e.VerdictData != nil {
-		return verdictString(e.VerdictData.Kind, e.VerdictData.Chain)
+// chainLists holds, per family, the chains of every table as the kernel
+// listed them. A chain dump cannot be limited to one table (the kernel
+// ignores the table in the request), so one full sync lists each family's
+// chains once for all of its tables instead of once per table.
+type chainLists map[model.Family]map[string][]*gnft.Chain
+
+func (cl chainLists) of(d *dumper, f model.Family) (map[string][]*gnft.Chain, error) {
+	if m, ok := cl[f]; ok {
+		return m, nil
 	}
-	ad, err := netlink.NewAttributeDecoder(e.Val)
+	m := map[string][]*gnft.Chain{}
+	err := d.dump(unix.NFT_MSG_GETCHAIN, byte(tableFamily(f)), nil, func(msg []byte) error {
+		tv, _ := findAttr(msg, unix.NFTA_CHAIN_TABLE)
+		table := string(bytes.TrimRight(tv, "\x00"))
+		m[table] = append(m[table], kernelChain(msg))
+		return nil
+	})
 	if err != nil {
-		return ""
+		// An interrupted listing may lack chains: the plan would add
+		// them again and fail; better to try again next time.
+		return nil, fmt.Errorf("listing chains: %w", err)
 	}
-	ad.ByteOrder = binary.BigEndian
-	var code int32
-	chain := ""
-	for ad.Next() {
-		switch ad.Type() {
-		case unix.NFTA_VERDICT_CODE:
-			code = int32(ad.Uint32())
-		case unix.NFTA_VERDICT_CHAIN:
-			chain = ad.String()
+	cl[f] = m
+	return m, nil
+}
+
+// compareChains takes the chains of table t from the family's listing and
+// checks the hook, priority, type and policy of the desired ones.
+func compareChains(d *dumper, f model.Family, t *gnft.Table, all *rs.Table, cl chainLists, obs *observed) error {
+	lists, err := cl.of(d, f)
+	if err != nil {
+		return err
+	}
+	want := map[string]*rs.Chain{}
+	for _, ch := range all.AllChains() {
+		want[ch.Name] = ch
+	}
+	for _, k := range lists[t.Name] {
+		obs.chains[k.Name] = true
+		if w := want[k.Name]; w != nil && obs.rebuild == "" && !sameHook(chainSpec(t, w), k) {
+			obs.rebuild = "chain " + k.Name + " has another hook, priority, type or policy"
 		}
 	}
-	if ad.Err() != nil {
-		return ""
+	return nil
+}
+
+// kernelChain decodes the name, hook, priority, type and policy of a chain
+// dump message.
+func kernelChain(msg []byte) *gnft.Chain {
+	k := &gnft.Chain{}
+	for b := msg; ; {
+		a, rest, ok := nextAttr(b)
+		if !ok {
+			return k
+		}
+		b = rest
+		switch a.typ {
+		case unix.NFTA_CHAIN_NAME:
+			k.Name = string(bytes.TrimRight(a.val, "\x00"))
+		case unix.NFTA_CHAIN_TYPE:
+			k.Type = gnft.ChainType(bytes.TrimRight(a.val, "\x00"))
+		case unix.NFTA_CHAIN_POLICY:
+			if len(a.val) == 4 {
+				p := gnft.ChainPolicy(binary.BigEndian.Uint32(a.val))
+				k.Policy = &p
+			}
+		case unix.NFTA_CHAIN_HOOK:
+			if v, ok := findAttr(a.val, unix.NFTA_HOOK_HOOKNUM); ok && len(v) == 4 {
+				h := gnft.ChainHook(binary.BigEndian.Uint32(v))
+				k.Hooknum = &h
+			}
+			if v, ok := findAttr(a.val, unix.NFTA_HOOK_PRIORITY); ok && len(v) == 4 {
+				p := gnft.ChainPriority(int32(binary.BigEndian.Uint32(v)))
+				k.Priority = &p
+			}
+		}
+	}
+}
+
+// readElements returns the elements of set name: key bytes → verdict as
+// verdictString writes it ("" for a set without data).
+func readElements(d *dumper, f model.Family, table, name string) (map[string]string, error) {
+	m := map[string]string{}
+	req := appendStrAttr(appendStrAttr(nil, unix.NFTA_SET_ELEM_LIST_TABLE, table), unix.NFTA_SET_ELEM_LIST_SET, name)
+	err := d.dump(unix.NFT_MSG_GETSETELEM, byte(tableFamily(f)), req, func(msg []byte) error {
+		list, _ := findAttr(msg, unix.NFTA_SET_ELEM_LIST_ELEMENTS)
+		for b := list; ; {
+			el, rest, ok := nextAttr(b)
+			if !ok {
+				return nil
+			}
+			b = rest
+			kd, _ := findAttr(el.val, unix.NFTA_SET_ELEM_KEY)
+			key, _ := findAttr(kd, unix.NFTA_DATA_VALUE)
+			v := ""
+			if dd, ok := findAttr(el.val, unix.NFTA_SET_ELEM_DATA); ok {
+				v = verdictOf(dd)
+			}
+			m[string(key)] = v
+		}
+	})
+	if errors.Is(err, errDumpInterrupted) {
+		// A half-read set compares as drifted where it differs; the
+		// repair is then an element deleted and added again.
+		err = nil
+	}
+	return m, err
+}
+
+// verdictOf decodes an NFTA_DATA holding a verdict.
+func verdictOf(data []byte) string {
+	vd, ok := findAttr(data, unix.NFTA_DATA_VERDICT)
+	if !ok {
+		return "data " + string(data) // not a verdict: never equal to one
+	}
+	var code int32
+	chain := ""
+	if v, ok := findAttr(vd, unix.NFTA_VERDICT_CODE); ok && len(v) == 4 {
+		code = int32(binary.BigEndian.Uint32(v))
+	}
+	if v, ok := findAttr(vd, unix.NFTA_VERDICT_CHAIN); ok {
+		chain = string(bytes.TrimRight(v, "\x00"))
 	}
 	return verdictString(expr.VerdictKind(code), chain)
+}
+
+// sameHook reports whether the kernel's chain k has the hook, priority, type
+// and policy of spec (a regular chain has none of them).
+func sameHook(spec, k *gnft.Chain) bool {
+	if (spec.Hooknum == nil) != (k.Hooknum == nil) {
+		return false
+	}
+	if spec.Hooknum == nil {
+		return true
+	}
+	return *spec.Hooknum == *k.Hooknum && k.Priority != nil && *spec.Priority == *k.Priority &&
+		spec.Type == k.Type && k.Policy != nil && *spec.Policy == *k.Policy
+}
+
+// compareRules dumps the rules of every desired chain present in the kernel,
+// one chain per dump, and marks the chains whose rules differ in their
+// canonical form. Chains the kernel has and desired has not are deleted by
+// the plan without being read.
+func compareRules(d *dumper, f model.Family, table string, all *rs.Table, obs *observed) error {
+	enc := newRuleEncoder(f, table)
+	var want, have, req []byte
+	for _, ch := range all.AllChains() {
+		if !obs.chains[ch.Name] {
+			continue
+		}
+		want = want[:0]
+		for _, r := range ch.Rules {
+			ex, err := enc.exprs(r)
+			if err != nil {
+				return fmt.Errorf("encoding a rule of %s: %w", ch.Name, err)
+			}
+			want = canonRule(want, ex)
+		}
+		have = have[:0]
+		req = appendStrAttr(appendStrAttr(req[:0], unix.NFTA_RULE_TABLE, table), unix.NFTA_RULE_CHAIN, ch.Name)
+		err := d.dump(unix.NFT_MSG_GETRULE, byte(tableFamily(f)), req, func(msg []byte) error {
+			if !attrIs(msg, unix.NFTA_RULE_TABLE, table) || !attrIs(msg, unix.NFTA_RULE_CHAIN, ch.Name) {
+				return nil // the request asked for this chain only; be sure
+			}
+			ex, _ := findAttr(msg, unix.NFTA_RULE_EXPRESSIONS)
+			have = canonRule(have, ex)
+			return nil
+		})
+		switch {
+		case errors.Is(err, errDumpInterrupted), errors.Is(err, unix.ENOENT):
+			// Someone committed during the dump (what was read may be
+			// half old, half new) or deleted the chain since it was
+			// listed: rewriting it is always right (if it is gone, the
+			// batch fails and the next full sync recreates it).
+			obs.drift[ch.Name] = true
+		case err != nil:
+			return fmt.Errorf("dumping rules of %s: %w", ch.Name, err)
+		case !bytes.Equal(want, have):
+			obs.drift[ch.Name] = true
+		}
+	}
+	return nil
+}
+
+// attrIs reports whether attribute typ of msg is the string s.
+func attrIs(msg []byte, typ uint16, s string) bool {
+	v, ok := findAttr(msg, typ)
+	return ok && string(bytes.TrimRight(v, "\x00")) == s
+}
+
+func appendStrAttr(b []byte, typ uint16, s string) []byte {
+	l := unix.NLA_HDRLEN + len(s) + 1
+	b = binary.NativeEndian.AppendUint16(b, uint16(l))
+	b = binary.NativeEndian.AppendUint16(b, typ)
+	b = append(append(b, s...), 0)
+	for len(b)%4 != 0 {
+		b = append(b, 0)
+	}
+	return b
+}
+
+// setShapeAttrs are the set attributes that must be as miniproxy creates
+// them: a set whose key, data or flags differ cannot be bound by the rules
+// we write (or matches something else), and nf_tables cannot change them in
+// place.
+var setShapeAttrs = []uint16{unix.NFTA_SET_FLAGS, unix.NFTA_SET_KEY_TYPE, unix.NFTA_SET_KEY_LEN,
+	unix.NFTA_SET_DATA_TYPE, unix.NFTA_SET_DATA_LEN, unix.NFTA_SET_TIMEOUT}
+
+// setShape returns the shape attributes of a NEWSET message's or a set
+// dump's attributes, as one comparable string.
+func setShape(attrs []byte) string {
+	var out []byte
+	dt, _ := findAttr(attrs, unix.NFTA_SET_DATA_TYPE)
+	for _, typ := range setShapeAttrs {
+		v, _ := findAttr(attrs, typ)
+		if typ == unix.NFTA_SET_DATA_LEN && string(dt) == "\xff\xff\xff\x00" {
+			// A verdict's length is implied (the library sends 0,
+			// the kernel reports its own size).
+			v = nil
+		}
+		out = binary.BigEndian.AppendUint16(out, uint16(len(v)))
+		out = append(out, v...)
+	}
+	return string(out)
+}
+
+// compareSets lists the sets of table t and records their names in obs; a
+// desired set of another shape makes the table be rebuilt. The expected
+// shape is what google/nftables encodes for the set we create.
+func compareSets(d *dumper, f model.Family, t *gnft.Table, all *rs.Table, obs *observed) error {
+	shapes := map[string]string{}
+	req := appendStrAttr(nil, unix.NFTA_SET_TABLE, t.Name)
+	err := d.dump(unix.NFT_MSG_GETSET, byte(tableFamily(f)), req, func(msg []byte) error {
+		name, ok := findAttr(msg, unix.NFTA_SET_NAME)
+		if !ok || !attrIs(msg, unix.NFTA_SET_TABLE, t.Name) {
+			return nil
+		}
+		n := string(bytes.TrimRight(name, "\x00"))
+		obs.sets[n] = true
+		shapes[n] = setShape(msg)
+		return nil
+	})
+	if err != nil && !errors.Is(err, errDumpInterrupted) {
+		return fmt.Errorf("listing sets: %w", err)
+	}
+	capt, err := newCapture()
+	if err != nil {
+		return err
+	}
+	var sets []*rs.Set
+	for _, s := range all.AllSets() {
+		if _, ok := shapes[s.Name]; ok {
+			if err := capt.conn.AddSet(setSpec(t, f, s), nil); err != nil {
+				return fmt.Errorf("encoding set %s: %w", s.Name, err)
+			}
+			sets = append(sets, s)
+		}
+	}
+	if len(sets) == 0 {
+		return nil
+	}
+	msgs, err := capt.messages()
+	if err != nil {
+		return err
+	}
+	i := 0
+	for _, m := range msgs {
+		if int(m.Header.Type)&0xff != unix.NFT_MSG_NEWSET || len(m.Data) < 4 {
+			continue
+		}
+		if i < len(sets) && shapes[sets[i].Name] != setShape(m.Data[4:]) && obs.rebuild == "" {
+			obs.rebuild = "set " + sets[i].Name + " has another key, data type, flags or timeout"
+		}
+		i++
+	}
+	if i != len(sets) {
+		return fmt.Errorf("encoding sets: %d messages for %d sets", i, len(sets))
+	}
+	return nil
 }
 
 func verdictString(k expr.VerdictKind, chain string) string {
 	return fmt.Sprintf("%d %s", k, chain)
 }
 
-// ruleCheckBudget bounds how many chains a full sync reads rules from. The
-// kernel's whole-table rule dump restarts its walk for every reply buffer,
-// which made a 30k-Service table take minutes to read; per-chain dumps are
-// linear but one round trip each. Static chains are read on every full sync,
-// service chains in a rotating window, so rule-level drift inside a service
-// chain is found within ceil(chains/budget) full syncs. Missing chains, sets
-// and map elements are found on every full sync.
-const ruleCheckBudget = 4000
-
-// chainsToCheck returns the static chains plus the next window of the other
-// chains present in the kernel.
-func (b *Backend) chainsToCheck(desired *rs.Table, present map[string][]string) []string {
-	static := map[string]bool{}
-	var out []string
-	for _, c := range desired.Chains {
-		if _, ok := present[c.Name]; ok {
-			static[c.Name] = true
-			out = append(out, c.Name)
-		}
-	}
-	var rest []string
-	for name := range present {
-		if !static[name] {
-			rest = append(rest, name)
-		}
-	}
-	if len(rest) <= ruleCheckBudget {
-		return append(out, rest...)
-	}
-	sort.Strings(rest)
-	start := b.rotor[desired.Name] % len(rest)
-	for i := 0; i < ruleCheckBudget; i++ {
-		out = append(out, rest[(start+i)%len(rest)])
-	}
-	b.rotor[desired.Name] = (start + ruleCheckBudget) % len(rest)
-	return out
-}
-
-// dumpRules reads the rules of the given chains of our table and returns
-// their fingerprints per chain. google/nftables' GetRules decodes every
-// expression; only names and jump targets are needed here.
-func (b *Backend) dumpRules(f model.Family, table string, chains []string) (map[string][]string, error) {
-	nl, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: b.netns})
-	if err != nil {
-		return nil, fmt.Errorf("dialing netlink: %w", err)
-	}
-	defer nl.Close()
-	out := make(map[string][]string, len(chains))
-	for _, ch := range chains {
-		attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
-			{Type: unix.NFTA_RULE_TABLE, Data: []byte(table + "\x00")},
-			{Type: unix.NFTA_RULE_CHAIN, Data: []byte(ch + "\x00")},
-		})
-		if err != nil {
-			return nil, fmt.Errorf("encoding rule dump request: %w", err)
-		}
-		msgs, err := nl.Execute(netlink.Message{
-			Header: netlink.Header{
-				Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETRULE),
-				Flags: netlink.Request | netlink.Dump,
-			},
-			Data: append([]byte{byte(tableFamily(f)), unix.NFNETLINK_V0, 0, 0}, attrs...),
-		})
-		if err != nil {
-			return nil, fmt.Errorf("dumping rules of %s: %w", ch, err)
-		}
-		fps := []string{}
-		for _, m := range msgs {
-			if len(m.Data) < 4 {
-				continue
-			}
-			_, fp, err := parseRuleMsg(m.Data[4:])
-			if err != nil {
-				return nil, fmt.Errorf("decoding rule of %s: %w", ch, err)
-			}
-			fps = append(fps, fp)
-		}
-		out[ch] = fps
-	}
-	return out, nil
-}
-
-func parseRuleMsg(b []byte) (chain, fp string, err error) {
-	ad, err := netlink.NewAttributeDecoder(b)
-	if err != nil {
-		return "", "", err
-	}
-	var names []string
-	for ad.Next() {
-		switch ad.Type() {
-		case unix.NFTA_RULE_CHAIN:
-			chain = ad.String()
-		case unix.NFTA_RULE_EXPRESSIONS:
-			ad.Nested(func(l *netlink.AttributeDecoder) error {
-				for l.Next() {
-					l.Nested(func(e *netlink.AttributeDecoder) error {
-						name, chain := "", ""
-						for e.Next() {
-							switch e.Type() {
-							case unix.NFTA_EXPR_NAME:
-								name = e.String()
-							case unix.NFTA_EXPR_DATA:
-								chain = verdictChain(e.Bytes())
-							}
-						}
-						if name == "immediate" && chain != "" {
-							name += ":" + chain
-						}
-						names = append(names, name)
-						return nil
-					})
-				}
-				return nil
-			})
-		}
-	}
-	return chain, strings.Join(names, ","), ad.Err()
-}
-
-// fingerprint returns the expression-name sequence of a typed rule, as the
-// kernel would dump it.
-func fingerprint(f model.Family, r rs.Rule) (string, error) {
-	ex, err := ruleExprs(f, r)
-	if err != nil {
-		return "", err
-	}
-	names := make([]string, 0, len(ex))
-	for _, e := range ex {
-		b, err := expr.Marshal(byte(tableFamily(f)), e)
-		if err != nil {
-			return "", fmt.Errorf("encoding %T: %w", e, err)
-		}
-		ad, err := netlink.NewAttributeDecoder(b)
-		if err != nil {
-			return "", err
-		}
-		for ad.Next() {
-			if ad.Type() == unix.NFTA_EXPR_NAME {
-				name := ad.String()
-				if v, ok := e.(*expr.Verdict); ok && v.Chain != "" {
-					name += ":" + v.Chain
-				}
-				names = append(names, name)
-			}
-		}
-	}
-	return strings.Join(names, ","), nil
-}
-
-// verdictChain returns the jump/goto target in an immediate expression's
-// data, or "". Including it in the fingerprint catches a retargeted jump.
-func verdictChain(b []byte) string {
-	chain := ""
-	var walk func(b []byte, depth int)
-	walk = func(b []byte, depth int) {
-		ad, err := netlink.NewAttributeDecoder(b)
-		if err != nil {
-			return
-		}
-		for ad.Next() {
-			switch {
-			case depth == 0 && ad.Type() == unix.NFTA_IMMEDIATE_DATA,
-				depth == 1 && ad.Type() == unix.NFTA_DATA_VERDICT:
-				walk(ad.Bytes(), depth+1)
-			case depth == 2 && ad.Type() == unix.NFTA_VERDICT_CHAIN:
-				chain = ad.String()
-			}
-		}
-	}
-	walk(b, 0)
-	return chain
-}
-
-// reconcilePlan compares the desired table with what the kernel holds and
-// returns the repairs, which include the changes since the last commit.
-func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
-	// Every object is compared below: render the compacted ones once.
-	all := desired.Expanded()
-	if !obs.exists {
+// reconcilePlan compares the desired table (all: the same, expanded) with
+// what the kernel holds and returns the repairs, which include the changes
+// since the last commit.
+func reconcilePlan(committed, desired, all *rs.Table, obs *observed) *plan {
+	if !obs.exists || obs.rebuild != "" {
 		return replacePlan(all)
 	}
 	p := newPlan(desired.Family, desired.Name, desired.Sets)
 	// What we committed is what the kernel should hold apart from drift;
-	// chains that changed since must be rewritten whatever the kernel
-	// shows, since a fingerprint does not see every detail. Objects
-	// shared with committed did not change.
+	// chains that changed since are rewritten whatever the kernel shows
+	// (the comparison would find them different anyway). Objects shared
+	// with committed did not change.
 	prevChains := map[string]*rs.Chain{}
 	for _, c := range committed.Chains {
 		prevChains[c.Name] = c
@@ -339,8 +413,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 	want := map[string]bool{}
 	for _, c := range all.AllChains() {
 		want[c.Name] = true
-		have, ok := obs.chains[c.Name]
-		if !ok {
+		if !obs.chains[c.Name] {
 			p.addChains = append(p.addChains, c)
 			p.writeChains = append(p.writeChains, c)
 			continue
@@ -350,7 +423,7 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 			pc := prevChains[c.Name]
 			changed = pc == nil || (pc != c && !reflect.DeepEqual(pc.Rules, c.Rules))
 		}
-		if changed || (obs.checked[c.Name] && !slices.Equal(fingerprints(desired.Family, c), have)) {
+		if changed || obs.drift[c.Name] {
 			p.flushChains = append(p.flushChains, c.Name)
 			p.writeChains = append(p.writeChains, c)
 		}
@@ -409,20 +482,6 @@ func reconcilePlan(committed, desired *rs.Table, obs *observed) *plan {
 	}
 	p.sortForDeterminism()
 	return p
-}
-
-// fingerprints returns the fingerprints of c's rules, comparable with the
-// ones dumpRules reads from the kernel.
-func fingerprints(f model.Family, c *rs.Chain) []string {
-	fp := make([]string, 0, len(c.Rules))
-	for _, r := range c.Rules {
-		s, err := fingerprint(f, r)
-		if err != nil {
-			s = "error: " + err.Error() // never equal to a kernel fingerprint
-		}
-		fp = append(fp, s)
-	}
-	return fp
 }
 
 var errBadKey = errors.New("unexpected element key layout")

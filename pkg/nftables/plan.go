@@ -158,6 +158,21 @@ func incrementalPlan(prev, next *rs.Table) *plan {
 	return p
 }
 
+// objects counts the tables, chains, sets and elements p creates, rewrites
+// or deletes.
+func (p *plan) objects() int {
+	n := len(p.addSets) + len(p.addChains) + len(p.flushChains) + len(p.delChains) + len(p.delSets) + len(p.dropTables)
+	if p.replace {
+		n++
+	}
+	for _, m := range []map[string][]rs.Element{p.addElems, p.delElems} {
+		for _, es := range m {
+			n += len(es)
+		}
+	}
+	return n
+}
+
 func (p *plan) sortForDeterminism() {
 	sort.Strings(p.delChains)
 	sort.Strings(p.delSets)

@@ -30,6 +30,10 @@ type Result struct {
 	// Rules is a backend-defined size of what was sent (lines, netlink
 	// messages, IPVS calls).
 	Rules int
+	// Drift is non-zero when a full sync found the kernel changed by
+	// someone else and repaired it: the number of objects repaired, or 1
+	// from a backend that rewrites everything without comparing.
+	Drift int
 }
 
 // LocalMode is --detect-local-mode.

@@ -96,10 +96,17 @@ func RenderSharded(snap *model.Snapshot, cfg *proxy.Config, prev *Ruleset, shard
 // ShardTableName is the name of shard i's table.
 func ShardTableName(i int) string { return fmt.Sprintf("%s-shard-%02d", TableName, i) }
 
-// IsOurTable reports whether a table of this name is miniproxy's: the main
-// table or any shard (of any shard count, so leftovers can be removed).
+// IsOurTable reports whether a table of this name (in family ip or ip6) is
+// miniproxy's: the main table or any shard of any shard count, so leftovers
+// can be removed — exactly the names ShardTableName makes (two decimal
+// digits; at most 64 shards), so that another program's table whose name
+// only starts like ours ("miniproxy-shard-00-backup") is never deleted.
 func IsOurTable(name string) bool {
-	return name == TableName || strings.HasPrefix(name, TableName+"-shard-")
+	if name == TableName {
+		return true
+	}
+	n, ok := strings.CutPrefix(name, TableName+"-shard-")
+	return ok && len(n) == 2 && n[0] >= '0' && n[0] <= '9' && n[1] >= '0' && n[1] <= '9'
 }
 
 // ShardOf is the shard (0 … shards-1) that holds a service port: by its
