@@ -96,7 +96,16 @@ func (b *Backend) apply(ctx context.Context, plans []*plan) (msgs, batches int, 
 	}
 	next := make(chan encoded, 1)
 	stop := make(chan struct{})
-	defer close(stop)
+	// On an early return the encoder may be in the middle of a plan:
+	// wait for it to finish before returning. The library's AddSet bumps a
+	// package-level set ID without a lock, so an encoder outliving this
+	// call races with the next sync's (seen under -race after a refused
+	// batch).
+	defer func() {
+		close(stop)
+		for range next {
+		}
+	}()
 	go func() {
 		defer close(next)
 		for _, p := range plans {
