@@ -10,7 +10,7 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/pkg/proxy/behavior"
-	"github.com/miniproxy/miniproxy/pkg/trace"
+	"github.com/miniproxy/miniproxy/pkg/trace/tracetest"
 )
 
 // savedText is what iptables-save would print after a full sync of snap:
@@ -41,30 +41,6 @@ func savedText(cfg proxy.Config, snap *model.Snapshot, fam model.Family) string 
 	return b.String()
 }
 
-// behaviorVerdict turns a trace into the behaviour table's terms; a trace
-// that stopped at something it cannot evaluate is an error.
-func behaviorVerdict(res *trace.Result) (behavior.Verdict, error) {
-	if len(res.Unsupported) > 0 {
-		return behavior.Verdict{}, fmt.Errorf("unsupported: %s", strings.Join(res.Unsupported, "; "))
-	}
-	switch res.Verdict {
-	case "DNAT":
-		v := behavior.Verdict{Outcome: behavior.Forward}
-		for _, e := range res.Endpoints {
-			v.Endpoints = append(v.Endpoints, e.Addr)
-			v.Masquerade = v.Masquerade || e.Masquerade
-		}
-		return v, nil
-	case string(trace.Reject):
-		return behavior.Verdict{Outcome: behavior.Reject}, nil
-	case string(trace.Drop):
-		return behavior.Verdict{Outcome: behavior.Drop}, nil
-	case string(trace.NoMatch):
-		return behavior.Verdict{Outcome: behavior.Untouched}, nil
-	}
-	return behavior.Verdict{}, fmt.Errorf("mixed outcomes for one packet: %+v", res.Paths)
-}
-
 // TestBehaviorTable runs the shared table through iptrace on the rendered
 // rules, as iptables-save would show them.
 func TestBehaviorTable(t *testing.T) {
@@ -73,8 +49,7 @@ func TestBehaviorTable(t *testing.T) {
 		if err != nil {
 			return behavior.Verdict{}, err
 		}
-		res := iptrace.Trace(rs, trace.Packet{Src: pkt.Src, Dst: pkt.Dst, Proto: pkt.Proto, Port: pkt.Port,
-			FromNode: pkt.FromNode, LocalAddrs: behavior.LocalAddrs()}, iptrace.Options{})
-		return behaviorVerdict(res)
+		res := iptrace.Trace(rs, tracetest.Packet(pkt), iptrace.Options{})
+		return tracetest.ToBehavior(res)
 	}, behavior.LocalhostCase())
 }
