@@ -261,9 +261,9 @@ func (r *Result) WriteText(w io.Writer) error {
 	return err
 }
 
-// WriteJSON prints r for scripts.
-func (r *Result) WriteJSON(w io.Writer) error {
+// WriteJSON prints results (one per mode found) as a JSON array, for scripts.
+func WriteJSON(w io.Writer, rs []*Result) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
-	return enc.Encode(r)
+	return enc.Encode(rs)
 }
