@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -121,4 +122,114 @@ func TestTrace(t *testing.T) {
 		}
 		t.Logf("%s: trace of %s: reject; a real connection: %v", me.Mode, eaddr, err)
 	})
+}
+
+// TestTraceKubeProxy: `miniproxy trace` reads the rules upstream kube-proxy
+// v1.37.2 installed (iptables and nftables mode, on a node of its own with
+// no miniproxy) and predicts its endpoints and shares; 600 real connections
+// agree (chi-square).
+func TestTraceKubeProxy(t *testing.T) {
+	for _, mode := range []string{"iptables", "nftables"} {
+		t.Run(mode, func(t *testing.T) {
+			row := suite.Matrix.Track(t, "trace reads kube-proxy's rules", mode)
+			c := suite.Cluster(t, row)
+			ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+			defer cancel()
+			nodes, err := c.AddNodes(ctx, "kp"+mode[:3], 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			node := nodes[0]
+			kp := filepath.Join(c.Env.K8sBin, "kube-proxy")
+			cmd := node.NS.Command(kp, "--kubeconfig", c.CP.AdminKubeconfig, "--hostname-override", node.Name,
+				"--proxy-mode", mode, "--cluster-cidr", framework.ClusterCIDR,
+				"--metrics-bind-address", "127.0.0.1:10249", "--healthz-bind-address", "0.0.0.0:10256",
+				// conntrack tuning is host-wide: off.
+				"--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0")
+			var logs strings.Builder
+			cmd.Stdout, cmd.Stderr = &logs, &logs
+			if err := cmd.Start(); err != nil {
+				t.Fatalf("start kube-proxy: %v", err)
+			}
+			t.Cleanup(func() {
+				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+				_ = cmd.Wait()
+			})
+			ns, err := c.NewNamespace(ctx, "tkp")
+			if err != nil {
+				t.Fatal(err)
+			}
+			svc, err := c.CreateService(ctx, framework.ClusterIPService(ns, "tkp"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			dep, err := c.Deploy(ctx, framework.DeploymentSpec{Namespace: ns, Name: "tkp", Replicas: 3, Nodes: nodes})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = dep.Delete() })
+			client, err := node.NewPod(ctx, "tkp-client")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = client.Delete() })
+			addr := framework.VIP(svc, "tcp")
+			row.Note("waiting for kube-proxy to program " + addr)
+			if got, err := waitExactly(ctx, "tcp", client, addr, dep.PodNames(), 120*time.Second); err != nil {
+				t.Fatalf("kube-proxy never served %s: %v: %v\n%s", addr, got, err, logs.String())
+			}
+			bin := filepath.Join(c.Env.BinDir, "miniproxy")
+			// Exit status 2 (an unsupported construct) still prints the trace.
+			out, err := node.NS.Command(bin, "trace", "--from", client.IP.String(), "--to", addr, "--node", node.IP.String(), "-o", "json").Output()
+			if err != nil && len(out) == 0 {
+				t.Fatalf("trace: %v", err)
+			}
+			var res []*trace.Result
+			if err := json.Unmarshal(out, &res); err != nil || len(res) != 1 {
+				t.Fatalf("trace output (%v): %s", err, out)
+			}
+			r := res[0]
+			if !strings.HasPrefix(r.Mode, mode) || r.Verdict != "DNAT" || len(r.Unsupported) > 0 || len(r.Endpoints) != 3 {
+				var b strings.Builder
+				_ = r.WriteText(&b)
+				t.Fatalf("trace of kube-proxy's %s rules:\n%s", mode, b.String())
+			}
+			byIP := map[netip.Addr]string{}
+			for _, p := range dep.Pods() {
+				byIP[p.IP] = p.Name
+			}
+			var obs, exp []float64
+			const n = 600
+			got, err := client.TCPCounts(ctx, addr, n)
+			if err != nil || got.Errors != 0 {
+				t.Fatalf("%d connections: %v %v", n, got, err)
+			}
+			for _, e := range r.Endpoints {
+				name, ok := byIP[e.Addr.Addr()]
+				if !ok {
+					t.Fatalf("trace predicts %s, not an endpoint of %v", e.Addr, byIP)
+				}
+				obs = append(obs, float64(got.ByName[name]))
+				exp = append(exp, e.Prob*float64(got.Total()))
+			}
+			chi := stat.ChiSquare(obs, exp)
+			pval := distuv.ChiSquared{K: float64(len(obs) - 1)}.Survival(chi)
+			t.Logf("kube-proxy %s: trace predicts %v; %d connections observed %v: χ²=%.2f p=%.3f", mode, r.Endpoints, n, got, chi, pval)
+			if pval < 0.001 {
+				t.Errorf("observed %v does not follow the predicted %v: p=%.4f", got, r.Endpoints, pval)
+			}
+			// Keep a capture of kube-proxy's rules for the root-free golden tests.
+			if os.Getenv("MINIPROXY_TRACE_CAPTURE") != "" {
+				capt := map[string][]string{"iptables": {"iptables-save"}, "nftables": {"nft", "-j", "list", "ruleset"}}[mode]
+				text, err := node.NS.Run(ctx, capt...)
+				if err == nil {
+					err = os.WriteFile(filepath.Join(os.Getenv("MINIPROXY_TRACE_CAPTURE"), "kube-proxy-"+mode+".txt"), []byte(text), 0o644)
+				}
+				if err != nil {
+					t.Log(err)
+				}
+				t.Logf("client %s, vip %s, node %s", client.IP, addr, node.IP)
+			}
+		})
+	}
 }

@@ -53,7 +53,8 @@ func TestGolden(t *testing.T) {
 		{"default.txt", trace.Packet{Src: behavior.ClientPod, Proto: model.TCP, Dst: a("172.30.0.3"), Port: 80}},
 		{"default.txt", trace.Packet{Src: behavior.Outside, Proto: model.TCP, Dst: behavior.NodeIP, Port: 30080}},
 		{"default.txt", trace.Packet{Src: behavior.ClientPod, Proto: model.TCP, Dst: a("172.30.0.9"), Port: 80}},
-		{"kube-proxy.txt", trace.Packet{Src: a("10.244.1.10"), Proto: model.TCP, Dst: a("10.96.0.10"), Port: 80}},
+		// kube-proxy v1.37.2 iptables mode, captured by e2e TestTraceKubeProxy.
+		{"kube-proxy.txt", trace.Packet{Src: a("10.244.0.13"), Proto: model.TCP, Dst: a("10.96.186.107"), Port: 80}},
 	}
 	for _, tc := range cases {
 		name := strings.TrimSuffix(tc.file, ".txt") + "-" + tc.pkt.Dst.String() + "-" + strconv.Itoa(int(tc.pkt.Port))

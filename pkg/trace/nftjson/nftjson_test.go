@@ -51,7 +51,8 @@ func TestGolden(t *testing.T) {
 		{"default.json", behavior.Packet{Src: behavior.ClientPod, Proto: model.TCP, Dst: a("172.30.0.3"), Port: 80}},
 		{"default.json", behavior.Packet{Src: behavior.Outside, Proto: model.TCP, Dst: behavior.NodeIP, Port: 30050}},
 		{"default.json", behavior.Packet{Src: behavior.ClientPod, Proto: model.TCP, Dst: a("172.30.0.9"), Port: 80}},
-		{"kube-proxy.json", behavior.Packet{Src: a("10.244.1.10"), Proto: model.TCP, Dst: a("10.96.0.10"), Port: 80}},
+		// kube-proxy v1.37.2 nftables mode, captured by e2e TestTraceKubeProxy.
+		{"kube-proxy.json", behavior.Packet{Src: a("10.244.1.13"), Proto: model.TCP, Dst: a("10.96.235.9"), Port: 80}},
 	}
 	for _, tc := range cases {
 		name := strings.TrimSuffix(tc.file, ".json") + "-" + tc.pkt.Dst.String() + "-" + itoa(tc.pkt.Port)

@@ -17,7 +17,9 @@
 // and named sets (live elements, so a source already in a ClientIP affinity
 // set is pinned as the kernel would pin it); statements counter, mangle of
 // meta mark, set add/update, vmap (named or anonymous), jump, goto, return,
-// accept, drop, continue, reject, dnat, snat, masquerade, redirect-free NAT.
+// accept, drop, continue, reject, snat, masquerade, and dnat to an address,
+// address:port, or a map lookup of them (kube-proxy's
+// `dnat ip to numgen random mod N map { 0 : addr . port, … }`).
 // Tables that iptables-nft manages (their rules carry xt expressions) are
 // left to the iptables tracer. Anything else on a rule the packet reaches
 // ends that path as "unsupported: <expression>".

@@ -318,6 +318,10 @@ func (tr *tracer) expr(t *Table, c *Chain, ri, ei int, st state) []state {
 		return []state{st}
 	case "dnat":
 		m, _ := arg.(map[string]any)
+		if mp, ok := m["addr"].(map[string]any); ok && mp["map"] != nil {
+			// kube-proxy ≥ 1.31: dnat ip to numgen random mod N map { 0 : addr . port, … }
+			return tr.dnatMap(where, mp["map"], st)
+		}
 		as, ok := m["addr"].(string)
 		a, err := netip.ParseAddr(as)
 		if !ok || err != nil {
@@ -340,6 +344,106 @@ func (tr *tracer) expr(t *Table, c *Chain, ri, ei int, st state) []state {
 		return []state{st}
 	}
 	return []state{st.unsupported(where, compact(e))}
+}
+
+// dnatMap is a DNAT whose address (and port) come from a map lookup; a
+// numgen key forks into every element with its share.
+func (tr *tracer) dnatMap(where string, x any, st state) []state {
+	m, _ := x.(map[string]any)
+	data, _ := m["data"].(map[string]any)
+	set, ok := data["set"].([]any)
+	if !ok {
+		return []state{st.unsupported(where, "dnat map "+compact(x))}
+	}
+	to := func(v any, s state, note string) []state {
+		addr, port := v, any(nil)
+		if c, ok := v.(map[string]any); ok {
+			parts, _ := c["concat"].([]any)
+			if len(parts) != 2 {
+				return []state{s.unsupported(where, "dnat map value "+compact(v))}
+			}
+			addr, port = parts[0], parts[1]
+		}
+		a, err := netip.ParseAddr(fmt.Sprint(addr))
+		if err != nil {
+			return []state{s.unsupported(where, "dnat map value "+compact(v))}
+		}
+		p := s.port
+		if port != nil {
+			p = uint16(atoi(port))
+		}
+		s = s.step(where, fmt.Sprintf("%sdnat to %s", note, netip.AddrPortFrom(a, p)))
+		s.dst, s.port, s.dnat, s.fate = a, p, true, accept
+		return []state{s}
+	}
+	if ng, ok := numgenOf(m["key"]); ok {
+		if ng.mod == 0 || ng.mod > maxNumgen {
+			return []state{st.unsupported(where, "numgen mod "+strconv.Itoa(ng.mod))}
+		}
+		count := map[string]int{}
+		vals := map[string]any{}
+		var order []string
+		miss := 0
+		for v := 0; v < ng.mod; v++ {
+			var found any
+			for _, e := range set {
+				pair, _ := e.([]any)
+				if len(pair) != 2 {
+					continue
+				}
+				if ok, _ := tr.elemMatch(nil, numVal(uint64(v+ng.offset)), unwrapElem(pair[0])); ok {
+					found = pair[1]
+					break
+				}
+			}
+			if found == nil {
+				miss++
+				continue
+			}
+			k := compact(found)
+			if count[k] == 0 {
+				order = append(order, k)
+				vals[k] = found
+			}
+			count[k]++
+		}
+		var out []state
+		for _, k := range order {
+			s := st
+			p := float64(count[k]) / float64(ng.mod)
+			s.prob *= p
+			out = append(out, to(vals[k], s, fmt.Sprintf("numgen random mod %d map [taken with p=%.4g]: ", ng.mod, p))...)
+		}
+		if miss > 0 {
+			// No element: the kernel drops the packet (NAT to nothing).
+			s := st
+			s.prob *= float64(miss) / float64(ng.mod)
+			s = s.step(where, "dnat map has no element for the random value: drop")
+			s.fate = drop
+			out = append(out, s)
+		}
+		return out
+	}
+	v, why := tr.value(m["key"], st)
+	if why != "" || v.kind == vNone {
+		return []state{st.unsupported(where, "dnat map key "+compact(m["key"]))}
+	}
+	for _, e := range set {
+		pair, _ := e.([]any)
+		if len(pair) != 2 {
+			continue
+		}
+		ok, why := tr.elemMatch(nil, v, unwrapElem(pair[0]))
+		if why != "" {
+			return []state{st.unsupported(where, why)}
+		}
+		if ok {
+			return to(pair[1], st, "")
+		}
+	}
+	s := st.step(where, "dnat map has no element for "+v.String()+": drop")
+	s.fate = drop
+	return []state{s}
 }
 
 func (tr *tracer) jump(t *Table, c *Chain, ri int, where, kind, target string, st state) []state {
