@@ -41,6 +41,9 @@ func main() {
 }
 
 func run(args []string) int {
+	if len(args) > 0 && args[0] == "trace" {
+		return runTrace(args[1:], os.Stdout, os.Stderr)
+	}
 	o, err := parseOptions(args)
 	if errors.Is(err, pflag.ErrHelp) {
 		return 0

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miniproxy/miniproxy/pkg/iptables/iptrace"
 	"github.com/miniproxy/miniproxy/pkg/model"
 	mt "github.com/miniproxy/miniproxy/pkg/model/modeltest"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
@@ -113,7 +114,7 @@ func (l *flab) xt(t *testing.T, name string, args ...string) string {
 func (l *flab) script(t *testing.T, lines ...string) {
 	t.Helper()
 	for _, line := range lines {
-		args, err := splitArgs(line)
+		args, err := iptrace.SplitArgs(line)
 		if err != nil {
 			t.Fatal(err)
 		}
