@@ -30,6 +30,18 @@ type Result struct {
 	// Rules is a backend-defined size of what was sent (lines, netlink
 	// messages, IPVS calls).
 	Rules int
+	// TableRules counts rules per family and table, for kube-proxy's
+	// kubeproxy_sync_proxy_rules_iptables_total / _last (iptables mode
+	// only; nil otherwise).
+	TableRules []TableRules
+}
+
+// TableRules is the number of rules in the chains a backend owns in one
+// table of one family (Total) and how many of them the last sync wrote (Last).
+type TableRules struct {
+	Family      model.Family
+	Table       string
+	Total, Last int
 }
 
 // LocalMode is --detect-local-mode.
