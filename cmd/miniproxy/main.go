@@ -190,6 +190,10 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 
 	tracker := watch.NewTracker(log.With("component", "watch"), "")
 	tracker.CountIgnored(func(reason string) { m.IgnoredObjects.WithLabelValues(reason).Inc() })
+	// kube-proxy's node eligibility, health answer counts and pending changes.
+	proxyHealth.WatchNode(tracker.NodeEligible)
+	proxyHealth.CountResponses(m.HealthServed)
+	m.WatchPending(tracker.PendingChanges)
 	ctReconciler := newConntrackReconciler(log, o, m)
 	conflicts := &conflictReporter{log: log.With("component", "frontends"), m: m, rec: newEventRecorder(ctx, client),
 		node: o.nodeName, service: tracker.Service}
@@ -212,6 +216,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 			m.NetworkProgrammed(t, now)
 		}
 		m.ServicePorts.Set(float64(len(snap.Services)))
+		recordSyncMetrics(m, o.proxyConfig.Families, snap, res)
 		proxyHealth.Updated(now)
 		if err := svcHealth.Sync(health.ServicePorts(snap)); err != nil {
 			log.Warn("some health check node ports could not be opened", "err", err)

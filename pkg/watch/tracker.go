@@ -239,6 +239,15 @@ func (t *Tracker) NodeEligible() (bool, string) {
 	return t.nodeGone == "", t.nodeGone
 }
 
+// PendingChanges returns the Service and EndpointSlice changes recorded
+// and not yet taken by Snapshot (kube-proxy's
+// kubeproxy_sync_proxy_rules_{service,endpoint}_changes_pending).
+func (t *Tracker) PendingChanges() (services, endpoints int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.pending.ServiceChanges, t.pending.EndpointChanges
+}
+
 // HasNode reports whether the Node object has been seen.
 func (t *Tracker) HasNode() bool {
 	t.mu.Lock()
