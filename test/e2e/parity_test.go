@@ -85,4 +85,3 @@ func TestTerminatingNotServing(t *testing.T) {
 		row.Note("")
 	})
 }
-
