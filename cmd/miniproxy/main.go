@@ -57,6 +57,7 @@ func run(args []string) int {
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	o.warnIgnoredConfig(log)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
@@ -193,6 +194,10 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 
 	tracker := watch.NewTracker(log.With("component", "watch"), "")
 	tracker.CountIgnored(func(reason string) { m.IgnoredObjects.WithLabelValues(reason).Inc() })
+	// kube-proxy's node eligibility, health answer counts and pending changes.
+	proxyHealth.WatchNode(tracker.NodeEligible)
+	proxyHealth.CountResponses(m.HealthServed)
+	m.WatchPending(tracker.PendingChanges)
 	ctReconciler := newConntrackReconciler(log, o, m)
 	conflicts := &conflictReporter{log: log.With("component", "frontends"), m: m, rec: newEventRecorder(ctx, client),
 		node: o.nodeName, service: tracker.Service}
@@ -219,6 +224,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 			m.DriftRepairs.WithLabelValues(o.Mode).Inc()
 			log.Warn("repaired rules changed by someone else", "mode", o.Mode, "objects", res.Drift)
 		}
+		recordSyncMetrics(m, o.proxyConfig.Families, snap, res)
 		proxyHealth.Updated(now)
 		if err := svcHealth.Sync(health.ServicePorts(snap)); err != nil {
 			log.Warn("some health check node ports could not be opened", "err", err)

@@ -43,6 +43,10 @@ type Options struct {
 	ConntrackCleanup   bool
 	Profiling          bool
 
+	// ignoredConfig are the --config fields set but not implemented
+	// (ignoredConfigFields), warned about at startup.
+	ignoredConfig []string
+
 	// Derived by validate.
 	proxyConfig proxy.Config
 	nodeName    string
@@ -116,6 +120,9 @@ func (o *Options) applyConfigFile(fs *pflag.FlagSet) error {
 	if c.Kind != "" && c.Kind != "KubeProxyConfiguration" {
 		return fmt.Errorf("--config %s: kind %q, want KubeProxyConfiguration", o.ConfigFile, c.Kind)
 	}
+	if o.ignoredConfig, err = ignoredConfigFields(data); err != nil {
+		return fmt.Errorf("parse --config %s: %w", o.ConfigFile, err)
+	}
 	set := func(flag string, apply func()) {
 		if !fs.Changed(flag) {
 			apply()
@@ -167,6 +174,13 @@ func (o *Options) applyConfigFile(fs *pflag.FlagSet) error {
 	}
 	if c.IPTables.MasqueradeBit != nil {
 		set("iptables-masquerade-bit", func() { o.MasqueradeBit = *c.IPTables.MasqueradeBit })
+	}
+	// nftables mode has its own copies of the two, as in kube-proxy.
+	if o.Mode == "nftables" && c.NFTables.MasqueradeAll {
+		set("masquerade-all", func() { o.MasqueradeAll = true })
+	}
+	if o.Mode == "nftables" && c.NFTables.MasqueradeBit != nil {
+		set("iptables-masquerade-bit", func() { o.MasqueradeBit = *c.NFTables.MasqueradeBit })
 	}
 	if c.IPTables.LocalhostNodePorts != nil {
 		set("iptables-localhost-nodeports", func() { o.LocalhostNodePorts = *c.IPTables.LocalhostNodePorts })

@@ -45,6 +45,13 @@ const DefaultStuckAfter = 5 * time.Minute
 // restart would run the same full sync against the same kernel and objects,
 // and a crash loop would only hide the logged error.
 //
+// /healthz also fails while this node is going away (WatchNode): its Node
+// object is being deleted, was deleted, or carries the cluster autoscaler's
+// ToBeDeletedByClusterAutoscaler taint, as kube-proxy's does since v1.28, so
+// that load balancers drain the node before it disappears. /livez and the
+// serviceProxyHealthy of the Service health checks ignore the node, as
+// kube-proxy's do: the proxy itself is fine.
+//
 // The watch layer calls QueuedUpdate when a change arrives; the sync function
 // calls Updated after each successful sync; WatchLoop connects the runner.
 type ProxyHealth struct {
@@ -56,6 +63,29 @@ type ProxyHealth struct {
 	lastUpdated  time.Time // end of the last successful sync; zero if none
 	oldestQueued time.Time // first change not yet covered by a sync; zero if none
 	loop         func() mpsync.Status
+	node         func() (eligible bool, reason string)
+	served       func(path string, code int)
+}
+
+// ToBeDeletedTaint is the taint the cluster autoscaler puts on a node it is
+// about to delete (kube-proxy's healthcheck.ToBeDeletedTaint).
+const ToBeDeletedTaint = "ToBeDeletedByClusterAutoscaler"
+
+// WatchNode makes /healthz fail while eligible reports false, with its
+// reason (normally (*watch.Tracker).NodeEligible).
+func (h *ProxyHealth) WatchNode(eligible func() (bool, string)) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.node = eligible
+}
+
+// CountResponses sets a function called with the path ("/healthz" or
+// "/livez") and status code of every answer served, for kube-proxy's
+// kubeproxy_proxy_healthz_total and kubeproxy_proxy_livez_total.
+func (h *ProxyHealth) CountResponses(served func(path string, code int)) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.served = served
 }
 
 // NewProxyHealth returns a tracker whose /healthz fails once a change has
@@ -104,12 +134,38 @@ func (h *ProxyHealth) Updated(t time.Time) {
 type Status struct {
 	LastUpdated time.Time `json:"lastUpdated"`
 	CurrentTime time.Time `json:"currentTime"`
-	Healthy     bool      `json:"healthy"`
-	Reason      string    `json:"reason,omitempty"`
+	// NodeEligible is kube-proxy's field, in /healthz answers only: false
+	// while this node is going away (see ProxyHealth).
+	NodeEligible *bool  `json:"nodeEligible,omitempty"`
+	Healthy      bool   `json:"healthy"`
+	Reason       string `json:"reason,omitempty"`
 }
 
-// check evaluates health now; ready selects the /healthz criteria, otherwise
-// only liveness is judged.
+// healthzStatus is the /healthz answer: the proxy's readiness, and the
+// node's eligibility (see ProxyHealth).
+func (h *ProxyHealth) healthzStatus() Status {
+	st := h.check(true)
+	h.mu.Lock()
+	node := h.node
+	h.mu.Unlock()
+	eligible, reason := true, ""
+	if node != nil {
+		eligible, reason = node()
+	}
+	st.NodeEligible = &eligible
+	if !eligible && st.Healthy {
+		st.Healthy = false
+		st.Reason = "node not eligible: " + reason
+		// As for any unhealthy answer: the time of the last sync.
+		h.mu.Lock()
+		st.LastUpdated = h.lastUpdated
+		h.mu.Unlock()
+	}
+	return st
+}
+
+// check evaluates the proxy's health now; ready selects the /healthz
+// criteria, otherwise only liveness is judged. The node is not judged here.
 func (h *ProxyHealth) check(ready bool) Status {
 	h.mu.Lock()
 	last, queued, loop, stuckAfter := h.lastUpdated, h.oldestQueued, h.loop, h.stuckAfter
@@ -153,30 +209,42 @@ func (h *ProxyHealth) check(ready bool) Status {
 }
 
 // Healthz returns the /healthz status (see ProxyHealth).
-func (h *ProxyHealth) Healthz() Status { return h.check(true) }
+func (h *ProxyHealth) Healthz() Status { return h.healthzStatus() }
 
 // Livez returns the /livez status (see ProxyHealth).
 func (h *ProxyHealth) Livez() Status { return h.check(false) }
 
-// Healthy reports the /healthz criterion, for the service health checks'
-// serviceProxyHealthy field.
-func (h *ProxyHealth) Healthy() bool { return h.Healthz().Healthy }
+// Healthy reports the /healthz criterion without the node's eligibility, for
+// the service health checks' serviceProxyHealthy field (kube-proxy's
+// Health().Healthy): a node going away drains through /healthz, while its
+// Services' health checks keep reporting the local endpoints.
+func (h *ProxyHealth) Healthy() bool { return h.check(true).Healthy }
 
 // Handler serves /healthz and /livez.
 func (h *ProxyHealth) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/healthz", statusHandler(h.Healthz))
-	mux.Handle("/livez", statusHandler(h.Livez))
+	mux.Handle("/healthz", statusHandler{h: h, path: "/healthz", status: h.Healthz})
+	mux.Handle("/livez", statusHandler{h: h, path: "/livez", status: h.Livez})
 	return mux
 }
 
-type statusHandler func() Status
+type statusHandler struct {
+	h      *ProxyHealth
+	path   string
+	status func() Status
+}
 
-func (f statusHandler) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
-	st := f()
+func (s statusHandler) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+	st := s.status()
 	code := http.StatusOK
 	if !st.Healthy {
 		code = http.StatusServiceUnavailable
+	}
+	s.h.mu.Lock()
+	served := s.h.served
+	s.h.mu.Unlock()
+	if served != nil {
+		served(s.path, code)
 	}
 	writeJSON(w, code, st)
 }

@@ -50,6 +50,32 @@ type familyState struct {
 	// listing a large table costs seconds and keeping 60k chain names costs
 	// megabytes.
 	leftover map[Table]map[string]bool
+	// total counts, per table, the rules in our chains as last committed
+	// (base chains, service chains, service rules in shared chains); last
+	// counts the rules the last sync wrote. kube-proxy's
+	// kubeproxy_sync_proxy_rules_iptables_total and _last.
+	total, last map[Table]int
+}
+
+// ruleCounts adds the rules of chains and shared lines to n, per table.
+func ruleCounts(n map[Table]int, sign int, chains []Chain, shared map[Table][]string) {
+	for _, c := range chains {
+		n[c.Table] += sign * len(c.Rules)
+	}
+	for t, lines := range shared {
+		n[t] += sign * len(lines)
+	}
+}
+
+// written counts the rules ("-A" lines) restore texts write, per table.
+func written(texts ...*restoreText) map[Table]int {
+	n := map[Table]int{}
+	for _, t := range texts {
+		for table, lines := range t.rules {
+			n[table] += len(lines)
+		}
+	}
+	return n
 }
 
 type tools struct{ save, restore, iptables, sysctlLocalnet string }
@@ -223,6 +249,10 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 		res.Changed += n
 		res.Rules += lines
 		res.Full = res.Full || famFull
+		for _, table := range []Table{NAT, Filter} {
+			res.TableRules = append(res.TableRules, proxy.TableRules{Family: fs.r.Family, Table: string(table),
+				Total: fs.total[table], Last: fs.last[table]})
+		}
 	}
 	if full && !mustFull && gerr == nil && !wasClean {
 		// Someone else committed to nf_tables since our last known-clean
@@ -299,6 +329,12 @@ func (b *Backend) syncFull(ctx context.Context, fs *familyState, snap *model.Sna
 		fs.services[name] = committedService{sp: snap.Services[name], node: &node}
 	}
 	fs.leftover = map[Table]map[string]bool{NAT: {}, Filter: {}}
+	fs.total = map[Table]int{}
+	ruleCounts(fs.total, 1, base.Chains, nil)
+	for _, sr := range plan.services {
+		ruleCounts(fs.total, 1, sr.Chains, sr.Shared)
+	}
+	fs.last = written(append(plan.chunks, plan.final)...)
 	return len(plan.services), plan.lines(), nil
 }
 
@@ -329,10 +365,17 @@ func (b *Backend) syncPartial(ctx context.Context, fs *familyState, snap *model.
 		}
 	}
 	if t.empty() {
+		fs.last = nil
 		return 0, 0, nil
 	}
 	if err := b.restoreDropping(ctx, fs, t); err != nil {
 		return 0, 0, err
+	}
+	fs.last = written(t)
+	for name, cur := range next {
+		old := fs.rules(name)
+		ruleCounts(fs.total, -1, old.Chains, old.Shared)
+		ruleCounts(fs.total, 1, cur.Chains, cur.Shared)
 	}
 	node := snap.Node
 	for name := range next {

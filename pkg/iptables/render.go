@@ -341,7 +341,12 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	external := r.inFamily(elig.External)
 	cluster := r.inFamily(elig.Cluster)
 	local := r.inFamily(elig.Local)
-	any := len(r.inFamily(sp.Endpoints)) > 0
+	// "Has endpoints" means usable ones (ready, or serving while
+	// terminating), as kube-proxy's CategorizeEndpoints counts them and as
+	// the nftables renderer decides: a Service whose endpoints are all
+	// terminating and no longer serving rejects at once, it does not drop
+	// as if it had endpoints elsewhere.
+	any := len(cluster) > 0
 	proto := sp.Protocol.Lower()
 	// TCP gets a reset rather than kube-proxy's ICMP port-unreachable: the
 	// kernel rate-limits ICMP errors per destination (icmp_ratelimit, ~1/s

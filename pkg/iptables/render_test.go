@@ -109,6 +109,12 @@ func TestGolden(t *testing.T) {
 	affinity.AffinitySeconds = 10
 
 	term := mt.SP("ns", "term", "", "172.30.0.80", 80, mt.Terminating("10.180.0.5", 8080, "node-a"), mt.Terminating("10.180.1.5", 8080, "node-b"))
+	// Terminating and no longer serving: nothing usable, so REJECT (not DROP).
+	termGone := mt.SP("ns", "term-gone", "", "172.30.0.82", 80, mt.Terminating("10.180.0.8", 8080, "node-a"), mt.Terminating("10.180.1.8", 8080, "node-b"))
+	termGone.NodePort = 30082
+	for i := range termGone.Endpoints {
+		termGone.Endpoints[i].Serving = false
+	}
 
 	v6 := mt.SP("ns", "v6", "", "fd00:30::10", 80, model.Endpoint{IP: netip.MustParseAddr("fd00:180::5"), Port: 8080, Ready: true, Serving: true, NodeName: "node-a"})
 	v6.NodePort = 30060
@@ -136,6 +142,7 @@ func TestGolden(t *testing.T) {
 		{name: "itp-local", ports: []*model.ServicePort{itpLocal}},
 		{name: "affinity", ports: []*model.ServicePort{affinity}},
 		{name: "terminating-fallback", ports: []*model.ServicePort{term}},
+		{name: "terminating-not-serving", ports: []*model.ServicePort{termGone}},
 		{name: "masquerade-all", ports: []*model.ServicePort{mt.SP("ns", "one", "", "172.30.0.2", 80, mt.Ep("10.180.0.5", 8080, "node-a"))},
 			cfg: func(c *proxy.Config) { c.MasqueradeAll = true }},
 		{name: "detect-local-nodecidr", ports: []*model.ServicePort{mt.SP("ns", "one", "", "172.30.0.2", 80, mt.Ep("10.180.0.5", 8080, "node-a"))},

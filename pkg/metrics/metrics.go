@@ -10,6 +10,8 @@ package metrics
 import (
 	"fmt"
 	"net/http"
+	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -102,6 +104,84 @@ type Metrics struct {
 	// DriftRepairs counts full syncs that found miniproxy's rules changed
 	// by someone else and repaired them, by proxy mode.
 	DriftRepairs *prometheus.CounterVec
+
+	// kube-proxy v1.37's names and labels (pkg/proxy/metrics), below.
+	//
+	// ServiceChangesPending and EndpointChangesPending are the Service and
+	// EndpointSlice changes received and not yet taken by a sync, read
+	// from WatchPending's source at each scrape.
+	ServiceChangesPending  prometheus.GaugeFunc
+	EndpointChangesPending prometheus.GaugeFunc
+	// NoLocalEndpoints is, per traffic_policy ("internal", "external") and
+	// ip_family, the service ports with that traffic policy Local, endpoints
+	// somewhere in the cluster and none on this node, as of the last sync.
+	NoLocalEndpoints *prometheus.GaugeVec
+	// ProxyHealthz and ProxyLivez count the answers of /healthz and /livez
+	// by HTTP status code.
+	ProxyHealthz *prometheus.CounterVec
+	ProxyLivez   *prometheus.CounterVec
+	// IPTablesRulesTotal and IPTablesRulesLast are, per table and
+	// ip_family, the rules in miniproxy's chains and the rules the last
+	// sync wrote (iptables mode).
+	IPTablesRulesTotal *prometheus.GaugeVec
+	IPTablesRulesLast  *prometheus.GaugeVec
+	// NFTablesCleanupFailures is kube-proxy's count of failed deletions of
+	// stale chains, which it runs as a separate transaction before a sync.
+	// miniproxy deletes stale objects in the sync's own batch, so such a
+	// failure is a failed sync (NFTablesSyncFailures) and this stays 0; it
+	// is exported (nftables mode) so kube-proxy's dashboards find it.
+	NFTablesCleanupFailures *prometheus.CounterVec
+
+	pending atomic.Pointer[func() (services, endpoints int)]
+}
+
+// Traffic policies, the values of NoLocalEndpoints' traffic_policy label.
+const (
+	TrafficPolicyInternal = "internal"
+	TrafficPolicyExternal = "external"
+)
+
+// WatchPending sets where the pending-changes gauges are read from at each
+// scrape: the number of Service and EndpointSlice changes received and not
+// yet taken by a sync (normally (*watch.Tracker).PendingChanges).
+func (m *Metrics) WatchPending(f func() (services, endpoints int)) { m.pending.Store(&f) }
+
+func (m *Metrics) pendingChanges(endpoints bool) float64 {
+	f := m.pending.Load()
+	if f == nil {
+		return 0
+	}
+	s, e := (*f)()
+	if endpoints {
+		return float64(e)
+	}
+	return float64(s)
+}
+
+// SetNoLocalEndpoints sets NoLocalEndpoints for family from one sync's
+// counts (every family the proxy programs should be set each sync, zeros
+// included, as kube-proxy does).
+func (m *Metrics) SetNoLocalEndpoints(family string, internal, external int) {
+	m.NoLocalEndpoints.WithLabelValues(TrafficPolicyInternal, family).Set(float64(internal))
+	m.NoLocalEndpoints.WithLabelValues(TrafficPolicyExternal, family).Set(float64(external))
+}
+
+// HealthServed counts one answer of the proxy's health server: path is
+// "/healthz" or "/livez", code the HTTP status.
+func (m *Metrics) HealthServed(path string, code int) {
+	switch path {
+	case "/healthz":
+		m.ProxyHealthz.WithLabelValues(strconv.Itoa(code)).Inc()
+	case "/livez":
+		m.ProxyLivez.WithLabelValues(strconv.Itoa(code)).Inc()
+	}
+}
+
+// SetIPTablesRules records the rules of one table of one family after a
+// sync (iptables mode): total in miniproxy's chains, last written.
+func (m *Metrics) SetIPTablesRules(table, family string, total, last int) {
+	m.IPTablesRulesTotal.WithLabelValues(table, family).Set(float64(total))
+	m.IPTablesRulesLast.WithLabelValues(table, family).Set(float64(last))
 }
 
 // Backend modes, for SyncFailed.
@@ -130,6 +210,12 @@ func (m *Metrics) InitSyncFailures(backend string, families ...string) {
 	if v := m.failureVec(backend); v != nil {
 		for _, f := range families {
 			v.WithLabelValues(f)
+		}
+	}
+	for _, f := range families {
+		m.SetNoLocalEndpoints(f, 0, 0)
+		if backend == BackendNFTables {
+			m.NFTablesCleanupFailures.WithLabelValues(f)
 		}
 	}
 }
@@ -266,6 +352,54 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 	for _, c := range []prometheus.Collector{m.ConntrackReconcileDuration, m.ConntrackDeletedEntries} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("registering conntrack metrics: %w", err)
+		}
+	}
+	// kube-proxy v1.37's pending-changes, no-local-endpoints, health and
+	// iptables rule metrics, same names, help and labels.
+	m.ServiceChangesPending = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "sync_proxy_rules_service_changes_pending",
+		Help:      "Pending proxy rules Service changes",
+	}, func() float64 { return m.pendingChanges(false) })
+	m.EndpointChangesPending = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "sync_proxy_rules_endpoint_changes_pending",
+		Help:      "Pending proxy rules Endpoint changes",
+	}, func() float64 { return m.pendingChanges(true) })
+	m.NoLocalEndpoints = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "sync_proxy_rules_no_local_endpoints_total",
+		Help:      "Number of services with a Local traffic policy and no endpoints",
+	}, []string{"traffic_policy", "ip_family"})
+	m.ProxyHealthz = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "proxy_healthz_total",
+		Help:      "Cumulative proxy healthz HTTP status",
+	}, []string{"code"})
+	m.ProxyLivez = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "proxy_livez_total",
+		Help:      "Cumulative proxy livez HTTP status",
+	}, []string{"code"})
+	m.IPTablesRulesTotal = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "sync_proxy_rules_iptables_total",
+		Help:      "Total number of iptables rules owned by kube-proxy",
+	}, []string{"table", "ip_family"})
+	m.IPTablesRulesLast = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "sync_proxy_rules_iptables_last",
+		Help:      "Number of iptables rules written by kube-proxy in last sync",
+	}, []string{"table", "ip_family"})
+	m.NFTablesCleanupFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Subsystem: kubeProxySubsystem,
+		Name:      "sync_proxy_rules_nftables_cleanup_failures_total",
+		Help:      "Cumulative proxy nftables cleanup failures",
+	}, []string{"ip_family"})
+	for _, c := range []prometheus.Collector{m.ServiceChangesPending, m.EndpointChangesPending, m.NoLocalEndpoints,
+		m.ProxyHealthz, m.ProxyLivez, m.IPTablesRulesTotal, m.IPTablesRulesLast, m.NFTablesCleanupFailures} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("registering kube-proxy metrics: %w", err)
 		}
 	}
 	// Export both label values from the start so a failure rate can be

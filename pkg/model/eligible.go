@@ -153,3 +153,46 @@ func union(a, b []Endpoint) []Endpoint {
 	sort.Slice(out, func(i, j int) bool { return out[i].AddrPort().Compare(out[j].AddrPort()) < 0 })
 	return out
 }
+
+// NoLocalEndpoints counts the service ports of s with a cluster IP of
+// family f whose Local traffic policy leaves them nothing on this node
+// while the Service has usable endpoints of f elsewhere: internal counts
+// internalTrafficPolicy: Local, external externalTrafficPolicy: Local on
+// externally reachable ports. These are kube-proxy's
+// kubeproxy_sync_proxy_rules_no_local_endpoints_total (traffic_policy
+// "internal" / "external"), counted as its proxiers count them: "usable"
+// is ready, or serving and terminating (the fallback), and a Service
+// without any usable endpoint is not counted (it rejects instead).
+func (s *Snapshot) NoLocalEndpoints(f Family) (internal, external int) {
+	usable := func(ep Endpoint) bool { return ep.Ready || (ep.Serving && ep.Terminating) }
+	for _, sp := range s.Services {
+		ext := sp.ExternalPolicyLocal && sp.HasExternal()
+		if !sp.InternalPolicyLocal && !ext {
+			continue
+		}
+		if _, ok := sp.ClusterIP(f); !ok {
+			continue
+		}
+		any, local := false, false
+		for _, ep := range sp.Endpoints {
+			if FamilyOf(ep.IP) != f || !usable(ep) {
+				continue
+			}
+			any = true
+			if ep.NodeName != "" && ep.NodeName == s.Node.Name {
+				local = true
+				break
+			}
+		}
+		if !any || local {
+			continue
+		}
+		if sp.InternalPolicyLocal {
+			internal++
+		}
+		if ext {
+			external++
+		}
+	}
+	return internal, external
+}

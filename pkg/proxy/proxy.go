@@ -34,6 +34,18 @@ type Result struct {
 	// someone else and repaired it: the number of objects repaired, or 1
 	// from a backend that rewrites everything without comparing.
 	Drift int
+	// TableRules counts rules per family and table, for kube-proxy's
+	// kubeproxy_sync_proxy_rules_iptables_total / _last (iptables mode
+	// only; nil otherwise).
+	TableRules []TableRules
+}
+
+// TableRules is the number of rules in the chains a backend owns in one
+// table of one family (Total) and how many of them the last sync wrote (Last).
+type TableRules struct {
+	Family      model.Family
+	Table       string
+	Total, Last int
 }
 
 // LocalMode is --detect-local-mode.

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"sort"
 	"strings"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
@@ -318,4 +319,24 @@ func NodeInfo(n *v1.Node) model.Node {
 		}
 	}
 	return out
+}
+
+// TaintToBeDeleted is the taint the cluster autoscaler puts on a node it is
+// about to remove.
+const TaintToBeDeleted = "ToBeDeletedByClusterAutoscaler"
+
+// NodeIneligible returns why n is going away, or "" if it is not: its
+// deletionTimestamp is set, or it carries the cluster autoscaler's
+// ToBeDeletedByClusterAutoscaler taint. kube-proxy v1.37's /healthz fails
+// for exactly these (healthcheck.ProxyHealthServer.NodeEligible).
+func NodeIneligible(n *v1.Node) string {
+	if n.DeletionTimestamp != nil {
+		return "the Node is being deleted (deletionTimestamp " + n.DeletionTimestamp.UTC().Format(time.RFC3339) + ")"
+	}
+	for _, t := range n.Spec.Taints {
+		if t.Key == TaintToBeDeleted {
+			return "the Node has the taint " + TaintToBeDeleted
+		}
+	}
+	return ""
 }

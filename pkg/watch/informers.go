@@ -68,6 +68,7 @@ func Start(ctx context.Context, client kubernetes.Interface, nodeName string, t 
 	nodeReg, err := nodeInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { onNode(t, obj); onChange() },
 		UpdateFunc: func(_, obj any) { onNode(t, obj); onChange() },
+		DeleteFunc: func(any) { t.DeleteNode() },
 	})
 	if err != nil {
 		return fmt.Errorf("node handler: %w", err)

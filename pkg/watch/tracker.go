@@ -36,6 +36,9 @@ type Tracker struct {
 	gen      uint64
 	pending  Pending
 	nodeSeen bool
+	// nodeGone says why this node is going away ("" while it is not):
+	// NodeIneligible of the last Node seen, or its deletion.
+	nodeGone string
 
 	// frontends gives every frontend one owner (model.Frontends); built
 	// holds the declared ports, the snapshots the effective ones.
@@ -191,9 +194,18 @@ func (t *Tracker) setSliceLocked(namespace, name string, slice *Slice, serviceNa
 // changes eligibility for every Service, so every Service is rebuilt.
 func (t *Tracker) SetNode(n *v1.Node) {
 	info := NodeInfo(n)
+	gone := NodeIneligible(n)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.nodeSeen = true
+	if gone != t.nodeGone {
+		if gone != "" {
+			t.log.Warn("this node is going away: /healthz reports unhealthy so load balancers drain it", "node", n.Name, "reason", gone)
+		} else {
+			t.log.Info("this node is no longer going away: /healthz follows the proxy again", "node", n.Name)
+		}
+		t.nodeGone = gone
+	}
 	if reflect.DeepEqual(info, t.node) {
 		return
 	}
@@ -202,6 +214,38 @@ func (t *Tracker) SetNode(n *v1.Node) {
 		t.dirty[k] = true
 	}
 	t.noteLocked(time.Now())
+}
+
+// DeleteNode records that this node's Node object was deleted. The rules
+// stay as they are (the node is going away; kube-proxy exits and restarts
+// here), but NodeEligible reports it.
+func (t *Tracker) DeleteNode() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nodeGone == "" {
+		t.log.Warn("this node's Node object was deleted: /healthz reports unhealthy", "node", t.node.Name)
+	}
+	t.nodeGone = "the Node was deleted"
+}
+
+// NodeEligible reports whether this node may receive load-balancer traffic
+// (see NodeIneligible), and if not, why. A Node never seen counts as
+// eligible: kube-proxy v1.37 reports it ineligible, but miniproxy also runs
+// where nobody registers Node objects (benchmarks, bare namespaces), and
+// the NodeCIDR detector already waits for and warns about a missing Node.
+func (t *Tracker) NodeEligible() (bool, string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.nodeGone == "", t.nodeGone
+}
+
+// PendingChanges returns the Service and EndpointSlice changes recorded
+// and not yet taken by Snapshot (kube-proxy's
+// kubeproxy_sync_proxy_rules_{service,endpoint}_changes_pending).
+func (t *Tracker) PendingChanges() (services, endpoints int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.pending.ServiceChanges, t.pending.EndpointChanges
 }
 
 // HasNode reports whether the Node object has been seen.
