@@ -32,10 +32,12 @@ type Saver func(ctx context.Context, m Mode, command string, args ...string) []b
 // ExecSaver runs the variants' multi-call binaries found in dir.
 func ExecSaver(dir string) Saver {
 	return func(ctx context.Context, m Mode, command string, args ...string) []byte {
-		var out bytes.Buffer
+		var out, errOut bytes.Buffer
 		c := exec.CommandContext(ctx, filepath.Join(dir, MultiBinary(m)), args...)
 		c.Args[0] = command // the multi-call binary dispatches on argv[0]
-		c.Stdout = &out
+		// Explicit stdin and stderr: left nil, Go opens /dev/null, and a
+		// failed open would read as "no rules" where /dev is missing.
+		c.Stdin, c.Stdout, c.Stderr = bytes.NewReader(nil), &out, &errOut
 		_ = c.Run()
 		return out.Bytes()
 	}

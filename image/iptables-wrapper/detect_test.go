@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/miniproxy/miniproxy/image"
+
 	"context"
 	"os"
 	"path/filepath"
@@ -96,5 +98,15 @@ func TestSelect(t *testing.T) {
 	slices.Sort(want)
 	if !slices.Equal(names, want) {
 		t.Errorf("directory holds %v, want only %v (no temporary links left)", names, want)
+	}
+}
+
+// The image links exactly the commands the wrapper re-points.
+func TestLinksMatchImageSpec(t *testing.T) {
+	if !slices.Equal(Links, image.WrapperLinks) {
+		t.Errorf("wrapper links %v, image links %v", Links, image.WrapperLinks)
+	}
+	if filepath.Base(image.Wrapper) != "iptables-wrapper" {
+		t.Errorf("the image installs the wrapper as %s; main dispatches on the name iptables-wrapper", image.Wrapper)
 	}
 }
