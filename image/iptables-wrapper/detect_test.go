@@ -1,14 +1,14 @@
 package main
 
 import (
-	"github.com/miniproxy/miniproxy/image"
-
 	"context"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/miniproxy/miniproxy/image"
 )
 
 // fakeSaver answers from canned iptables-save outputs keyed by
