@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -34,10 +33,10 @@ func goCommand() string {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
-	if g := os.Getenv("GOROOT"); g != "" {
+	if g := os.Getenv("GOROOT"); g != "" { // go test sets it for the test binary
 		return filepath.Join(g, "bin", "go")
 	}
-	return filepath.Join(runtime.GOROOT(), "bin", "go")
+	return "go"
 }
 
 func buildImage(t *testing.T, ctx context.Context, cache string) v1.Image {
