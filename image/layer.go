@@ -88,6 +88,9 @@ func (e Entry) content() ([]byte, error) {
 // WriteDir materializes entries under dir (which must be empty or absent):
 // the root file system the Dockerfile copies into its final stage.
 func WriteDir(dir string, entries []Entry) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
 	for _, e := range withParents(entries) {
 		p := filepath.Join(dir, filepath.FromSlash(e.Path))
 		switch e.Type {

@@ -2,8 +2,11 @@ package image
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,7 +42,7 @@ func goCommand() string {
 	return "go"
 }
 
-func buildImage(t *testing.T, ctx context.Context, cache string) v1.Image {
+func buildImage(t *testing.T, ctx context.Context, cache string) (v1.Image, []Layer) {
 	t.Helper()
 	layers, _, err := Build(ctx, Options{
 		Log: slog.New(slog.NewTextHandler(os.Stderr, nil)), SourceDir: "..", Version: "test-version",
@@ -55,7 +58,45 @@ func buildImage(t *testing.T, ctx context.Context, cache string) v1.Image {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return img
+	return img, layers
+}
+
+// snapshot describes every object under dir: type, permissions, link
+// target or content hash.
+func snapshot(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	m := map[string]string{}
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		desc := info.Mode().String()
+		switch {
+		case info.Mode()&fs.ModeSymlink != 0:
+			l, err := os.Readlink(p)
+			if err != nil {
+				return err
+			}
+			desc += " -> " + l
+		case info.Mode().IsRegular():
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			desc += fmt.Sprintf(" %x", sha256.Sum256(b))
+		}
+		m[rel] = desc
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
 
 // TestImage builds the image twice from separate work directories (same
@@ -82,8 +123,8 @@ func TestImage(t *testing.T) {
 	}
 	cache = filepath.Join(cache, "image")
 
-	img := buildImage(t, ctx, cache)
-	again := buildImage(t, ctx, cache)
+	img, layers := buildImage(t, ctx, cache)
+	again, _ := buildImage(t, ctx, cache)
 	d1, err := img.Digest()
 	if err != nil {
 		t.Fatal(err)
@@ -108,6 +149,29 @@ func TestImage(t *testing.T) {
 		t.Fatalf("unpack the image: %v: %s", err, out)
 	}
 	flat.Close()
+
+	// The Dockerfile's final stage is what mkimage -rootfs writes from the
+	// same layers: it must equal the unpacked image, object for object.
+	dockerRoot := filepath.Join(t.TempDir(), "rootfs")
+	var all []Entry
+	for _, l := range layers {
+		all = append(all, l.Entries...)
+	}
+	if err := WriteDir(dockerRoot, all); err != nil {
+		t.Fatal(err)
+	}
+	if a, b := snapshot(t, root), snapshot(t, dockerRoot); !maps.Equal(a, b) {
+		for p := range a {
+			if a[p] != b[p] {
+				t.Errorf("%s: image %q, -rootfs %q", p, a[p], b[p])
+			}
+		}
+		for p := range b {
+			if _, ok := a[p]; !ok {
+				t.Errorf("%s: only in -rootfs (%q)", p, b[p])
+			}
+		}
+	}
 	// Runtimes make /proc and /dev; the chroot needs mount points.
 	if err := os.Mkdir(filepath.Join(root, "proc"), 0o555); err != nil {
 		t.Fatal(err)
