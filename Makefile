@@ -5,10 +5,19 @@ export MINIPROXY_CACHE ?= /var/cache/miniproxy
 BIN := $(CURDIR)/bin
 STATICCHECK_VERSION := v0.7.0
 
-.PHONY: build test unit e2e guest lab bench bench-quick lint provision clean fuzz crash-full
+.PHONY: build test unit e2e guest lab bench bench-quick lint provision clean fuzz crash-full image
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
+
+# image: the OCI image, built without a container engine from Debian 12
+# packages (cached under $(MINIPROXY_CACHE)/image) and a static miniproxy;
+# one archive that docker load, ctr images import and kind load
+# image-archive read. Prints the digest: equal inputs, equal digest.
+IMAGE ?= $(BIN)/miniproxy-image.tar
+IMAGE_TAG ?= miniproxy:dev
+image:
+	$(GO) run ./image/mkimage -go $(GO) -o $(IMAGE) -tag $(IMAGE_TAG)
 
 # -short: unit tests never boot the qemu guest; `make guest` does.
 # -race: every package of `make test` runs under the race detector (the sync
@@ -16,10 +25,13 @@ build:
 unit:
 	$(GO) test -race -short -count=1 $$($(GO) list ./... | grep -v /test/e2e)
 
-# e2e: the namespace cluster against a real apiserver (iptables, nftables),
-# then the IPVS cases inside a qemu guest with an IPVS kernel.
+# e2e: the image (built twice, same digest; its binaries run chrooted in
+# private namespaces), the namespace cluster against a real apiserver
+# (iptables, nftables), then the IPVS cases inside a qemu guest with an IPVS
+# kernel.
 e2e: build
 	bash hack/provision.sh
+	MINIPROXY_IMAGE_REQUIRED=1 $(GO) test -count=1 -v -run '^TestImage$$' ./image/
 	MINIPROXY_E2E_MODES=$${MINIPROXY_E2E_MODES:-iptables,nftables} $(GO) test -count=1 -v -timeout 40m ./test/e2e/...
 	MINIPROXY_CRASH_SERVICES=$${MINIPROXY_CRASH_SERVICES:-2000} $(GO) test -p 1 -count=1 -v -timeout 30m -run '^TestKernelCrash$$' ./pkg/iptables ./pkg/nftables
 	$(MAKE) guest

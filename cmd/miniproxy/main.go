@@ -52,6 +52,10 @@ func run(args []string) int {
 		fmt.Fprintf(os.Stderr, "miniproxy: %v\n", err)
 		return 1
 	}
+	if o.Version {
+		fmt.Println(versionString())
+		return 0
+	}
 	level := slog.LevelInfo
 	if o.Verbosity >= 4 {
 		level = slog.LevelDebug

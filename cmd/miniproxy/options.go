@@ -42,6 +42,7 @@ type Options struct {
 	NFTablesShards     int
 	ConntrackCleanup   bool
 	Profiling          bool
+	Version            bool
 
 	// ignoredConfig are the --config fields set but not implemented
 	// (ignoredConfigFields), warned about at startup.
@@ -87,6 +88,7 @@ func parseOptions(args []string) (*Options, error) {
 	fs.IntVar(&o.NFTablesShards, "nftables-shards", 16, "spread Services over this many nftables tables (1-64) so one change is validated against a shard, not every Service (nftables mode)")
 	fs.BoolVar(&o.IPVSStrictARP, "ipvs-strict-arp", false, "set arp_ignore/arp_announce so the node does not answer ARP for service IPs (ipvs mode)")
 	fs.BoolVar(&o.Profiling, "profiling", false, "serve /debug/pprof on the metrics address")
+	fs.BoolVar(&o.Version, "version", false, "print the version and exit")
 	fs.BoolVar(&o.ConntrackCleanup, "conntrack-cleanup", true, "delete UDP conntrack entries of removed endpoints and services after each sync")
 
 	if err := fs.Parse(args); err != nil {
@@ -94,6 +96,9 @@ func parseOptions(args []string) (*Options, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if o.Version {
+		return o, nil // nothing else is read or checked
 	}
 	if o.ConfigFile != "" {
 		if err := o.applyConfigFile(fs); err != nil {

@@ -106,3 +106,18 @@ func TestRunExitsOneOnBadFlags(t *testing.T) {
 		t.Fatalf("exit code %d, want 1", code)
 	}
 }
+
+// --version answers without a valid configuration: an image check runs it
+// with no cluster, node name or kernel access.
+func TestVersionFlag(t *testing.T) {
+	o, err := parseOptions([]string{"--version", "--proxy-mode=bogus"})
+	if err != nil || !o.Version {
+		t.Fatalf("parseOptions(--version) = %+v, %v; want Version and no error", o, err)
+	}
+	if code := run([]string{"--version"}); code != 0 {
+		t.Fatalf("exit code %d, want 0", code)
+	}
+	if s := versionString(); !strings.HasPrefix(s, "miniproxy ") {
+		t.Errorf("versionString() = %q, want a \"miniproxy \" prefix", s)
+	}
+}
