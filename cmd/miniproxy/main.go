@@ -32,7 +32,7 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/nftables"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
-	mpsync "github.com/miniproxy/miniproxy/pkg/sync"
+	"github.com/miniproxy/miniproxy/pkg/syncrunner"
 	"github.com/miniproxy/miniproxy/pkg/watch"
 )
 
@@ -246,7 +246,7 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	syncFn = afterFirstSync(log, syncFn, func(ctx context.Context) error { return takeOver(ctx, log, o) })
 	// Burst 2 as kube-proxy: a Service and its EndpointSlice arrive as two
 	// events; both are programmed without waiting out min-sync-period.
-	runner := mpsync.New(mpsync.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod, Burst: 2,
+	runner := syncrunner.New(syncrunner.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod, Burst: 2,
 		Logger: log.With("component", "sync", "mode", o.Mode)}, clock.RealClock{}, syncFn)
 	// /livez judges whether the loop is alive; a long iptables cold start
 	// shows it is by reporting every restore chunk.

@@ -1,4 +1,4 @@
-package sync
+package syncrunner
 
 import (
 	"context"
@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	stdsync "sync"
+	"sync"
 	"testing"
 	"time"
 )
@@ -20,12 +20,12 @@ type logRecord struct {
 
 // captureHandler keeps every record (any level) for the test to inspect.
 type captureHandler struct {
-	mu      *stdsync.Mutex
+	mu      *sync.Mutex
 	records *[]logRecord
 }
 
 func newCapture() (*slog.Logger, func() []logRecord) {
-	h := captureHandler{mu: &stdsync.Mutex{}, records: &[]logRecord{}}
+	h := captureHandler{mu: &sync.Mutex{}, records: &[]logRecord{}}
 	return slog.New(h), func() []logRecord {
 		h.mu.Lock()
 		defer h.mu.Unlock()
