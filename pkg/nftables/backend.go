@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 
 	gnft "github.com/google/nftables"
@@ -24,7 +25,10 @@ import (
 // Backend implements proxy.Backend with nftables.
 type Backend struct {
 	cfg   proxy.Config
-	netns int // fd of the target network namespace; 0 = the caller's
+	netns int // fd of nsFile, the target network namespace; 0 = the caller's
+	// nsFile is cfg.NetNS, open for the backend's lifetime (netlink
+	// sockets are opened in it per batch).
+	nsFile *os.File
 	// shards is how many tables the Services are spread over (1: all in
 	// the main table); see ruleset.RenderSharded.
 	shards int
@@ -49,10 +53,6 @@ var _ proxy.Backend = (*Backend)(nil)
 // Option configures a Backend.
 type Option func(*Backend)
 
-// WithNetNSFd makes every netlink operation target the network namespace
-// referred to by fd (e.g. an open /run/netns/NAME). The caller keeps fd open.
-func WithNetNSFd(fd int) Option { return func(b *Backend) { b.netns = fd } }
-
 // WithShards spreads the Services over n shard tables per family (n <= 1:
 // one table). A commit that adds a Service or changes its endpoints then
 // makes the kernel validate one shard instead of every Service.
@@ -62,7 +62,7 @@ func WithShards(n int) Option { return func(b *Backend) { b.shards = max(n, 1) }
 // that the first packet of every new connection passes.
 const MaxShards = 64
 
-// New returns an nftables backend for cfg.
+// New returns an nftables backend for cfg, programming cfg.NetNS.
 func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("nftables backend: %w", err)
@@ -74,12 +74,27 @@ func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if b.shards > MaxShards {
 		return nil, fmt.Errorf("nftables backend: %d shards, at most %d", b.shards, MaxShards)
 	}
+	f, err := cfg.NetNS.Open()
+	if err != nil {
+		return nil, fmt.Errorf("nftables backend: %w", err)
+	}
+	if f != nil {
+		b.nsFile, b.netns = f, int(f.Fd())
+	}
 	return b, nil
 }
 
-// Render returns the ruleset this backend would program for snap (pure).
-func (b *Backend) Render(snap *model.Snapshot) *rs.Ruleset {
-	return rs.RenderSharded(snap, &b.cfg, nil, b.shards)
+// Close implements proxy.Backend: it releases the namespace file (every
+// netlink socket is closed after its batch).
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.nsFile == nil {
+		return nil
+	}
+	err := b.nsFile.Close()
+	b.nsFile, b.netns = nil, 0
+	return err
 }
 
 // Sync implements proxy.Backend.
