@@ -48,12 +48,12 @@ func (h captureHandler) Handle(_ context.Context, r slog.Record) error {
 	return nil
 }
 
-// above returns the records at level >= min, as "LEVEL msg k=v…" lines with
-// only the keys asked for, so expectations stay readable.
-func above(recs []logRecord, min slog.Level, keys ...string) []string {
+// above returns the records at level >= least, as "LEVEL msg k=v…" lines
+// with only the keys asked for, so expectations stay readable.
+func above(recs []logRecord, least slog.Level, keys ...string) []string {
 	var out []string
 	for _, r := range recs {
-		if r.level < min {
+		if r.level < least {
 			continue
 		}
 		line := r.level.String() + " " + r.msg
