@@ -3,9 +3,12 @@
 // this node, which endpoints may answer, or whether it is rejected, dropped or
 // left alone, and whether it is masqueraded.
 //
-// Each backend checks the table two ways: a tracer that walks its rendered
-// rules without root (unit tests), and the namespace cluster (e2e). The
-// addresses follow pkg/model/modeltest.
+// The iptables and nftables backends check the table two ways: a tracer
+// walks their rendered rules without root (unit tests), and pkg/trace/live
+// traces the ruleset they programmed into a private namespace, read back from
+// the kernel (kernel tests). The e2e suite does not run the table; it checks
+// the same semantics with real connections, case by case. The addresses
+// follow pkg/model/modeltest.
 package behavior
 
 import (
