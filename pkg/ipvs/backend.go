@@ -681,15 +681,8 @@ func keyOf(s *mobyipvs.Service) (Key, bool) {
 	if !ok {
 		return Key{}, false
 	}
-	var p model.Protocol
-	switch s.Protocol {
-	case unix.IPPROTO_TCP:
-		p = model.TCP
-	case unix.IPPROTO_UDP:
-		p = model.UDP
-	case unix.IPPROTO_SCTP:
-		p = model.SCTP
-	default:
+	p, ok := protoOf(s.Protocol)
+	if !ok {
 		return Key{}, false
 	}
 	return Key{IP: ip.Unmap(), Proto: p, Port: s.Port}, true
