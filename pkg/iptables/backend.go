@@ -236,6 +236,8 @@ func (b *Backend) Close() error {
 	}
 	err := b.nsFile.Close()
 	b.nsFile = nil
+	// Read through fd 0 the generation would be the caller's namespace's.
+	b.generation = func() (uint32, error) { return 0, errors.New("iptables backend closed") }
 	return err
 }
 

@@ -29,6 +29,9 @@ type Backend struct {
 	// nsFile is cfg.NetNS, open for the backend's lifetime (netlink
 	// sockets are opened in it per batch).
 	nsFile *os.File
+	// closed is set by Close: with the namespace file gone, netlink would
+	// reach the caller's namespace instead, so every later call fails.
+	closed bool
 	// shards is how many tables the Services are spread over (1: all in
 	// the main table); see ruleset.RenderSharded.
 	shards int
@@ -49,6 +52,8 @@ type Backend struct {
 }
 
 var _ proxy.Backend = (*Backend)(nil)
+
+var errClosed = errors.New("nftables backend used after Close")
 
 // Option configures a Backend.
 type Option func(*Backend)
@@ -89,6 +94,7 @@ func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 func (b *Backend) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.closed = true
 	if b.nsFile == nil {
 		return nil
 	}
@@ -103,6 +109,9 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	defer b.mu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return proxy.Result{}, fmt.Errorf("nftables sync: %w", err)
+	}
+	if b.closed {
+		return proxy.Result{}, errClosed
 	}
 	desired := rs.RenderSharded(snap, &b.cfg, b.committed, b.shards)
 	g0, gerr := b.genID()
@@ -187,6 +196,9 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	defer b.mu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("nftables cleanup: %w", err)
+	}
+	if b.closed {
+		return errClosed
 	}
 	c, err := b.conn()
 	if err != nil {
