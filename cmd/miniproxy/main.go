@@ -13,7 +13,6 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -32,7 +31,8 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/nftables"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
-	mpsync "github.com/miniproxy/miniproxy/pkg/sync"
+	"github.com/miniproxy/miniproxy/pkg/proxy/syncer"
+	"github.com/miniproxy/miniproxy/pkg/syncrunner"
 	"github.com/miniproxy/miniproxy/pkg/watch"
 )
 
@@ -73,9 +73,11 @@ func run(args []string) int {
 		log.Error("cannot start the proxy backend", "mode", o.Mode, "err", err)
 		return 1
 	}
-	if c, ok := backend.(interface{ Close() error }); ok {
-		defer c.Close()
-	}
+	defer func() {
+		if err := backend.Close(); err != nil {
+			log.Warn("closing the backend", "err", err)
+		}
+	}()
 	if err := serve(ctx, log, o, backend); err != nil {
 		log.Error("miniproxy stopped", "err", err)
 		return 1
@@ -107,7 +109,9 @@ func cleanup(ctx context.Context, log *slog.Logger, o *Options) int {
 			log.Info("nothing to clean for mode", "mode", mode, "reason", err)
 			continue
 		}
-		if err := b.Cleanup(ctx); err != nil {
+		err = b.Cleanup(ctx)
+		_ = b.Close()
+		if err != nil {
 			log.Error("cleanup failed", "mode", mode, "err", err)
 			code = 1
 			continue
@@ -135,10 +139,6 @@ func kubeClient(o *Options) (kubernetes.Interface, error) {
 	return kubernetes.NewForConfig(cfg)
 }
 
-// bulkSync is the number of changed service ports from which a sync counts
-// as bulk work worth returning memory after.
-const bulkSync = 1000
-
 func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Backend) error {
 	client, err := kubeClient(o)
 	if err != nil {
@@ -150,8 +150,6 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	if err != nil {
 		return err
 	}
-	m.InitSyncFailures(o.Mode, familyLabels(o.proxyConfig.Families)...)
-	m.DriftRepairs.WithLabelValues(o.Mode) // exported from the start, at 0
 	proxyHealth := health.NewProxyHealth(2*o.SyncPeriod, nil)
 	svcHealth := health.NewServiceHealth(health.ServiceHealthOptions{
 		// Health check ports listen on every address, as kube-proxy does by
@@ -202,55 +200,21 @@ func serve(ctx context.Context, log *slog.Logger, o *Options, backend proxy.Back
 	proxyHealth.WatchNode(tracker.NodeEligible)
 	proxyHealth.CountResponses(m.HealthServed)
 	m.WatchPending(tracker.PendingChanges)
-	ctReconciler := newConntrackReconciler(log, o, m)
-	conflicts := &conflictReporter{log: log.With("component", "frontends"), m: m, rec: newEventRecorder(ctx, client),
-		node: o.nodeName, service: tracker.Service}
-	syncFn := func(ctx context.Context, full bool) error {
-		start := time.Now()
-		snap, pending := tracker.Snapshot()
-		conflicts.report(pending.Conflicts)
-		m.ServiceChanges.Add(float64(pending.ServiceChanges))
-		m.EndpointChanges.Add(float64(pending.EndpointChanges))
-		res, err := backend.Sync(ctx, snap, full)
-		took := time.Since(start)
-		m.SyncDone(res.Full, start, took, err)
-		if err != nil {
-			// Logged (rate-limited) by the runner, which gets this error.
-			m.SyncFailed(o.Mode, failedFamilies(o.Mode, o.proxyConfig.Families, err)...)
-			return fmt.Errorf("%s sync: %w", o.Mode, err)
-		}
-		now := time.Now()
-		for _, t := range pending.TriggerTimes {
-			m.NetworkProgrammed(t, now)
-		}
-		m.ServicePorts.Set(float64(len(snap.Services)))
-		if res.Drift > 0 {
-			m.DriftRepairs.WithLabelValues(o.Mode).Inc()
-			log.Warn("repaired rules changed by someone else", "mode", o.Mode, "objects", res.Drift)
-		}
-		recordSyncMetrics(m, o.proxyConfig.Families, snap, res)
-		proxyHealth.Updated(now)
-		if err := svcHealth.Sync(health.ServicePorts(snap)); err != nil {
-			log.Warn("some health check node ports could not be opened", "err", err)
-		}
-		ctReconciler.reconcile(ctx, snap, res.Full)
-		if res.Changed >= bulkSync {
-			// A cold start or a resync of many Services leaves a heap several
-			// times the steady state (render output, netlink or restore
-			// buffers, the initial lists). Go returns it to the OS only
-			// gradually; hand it back now so a node's RSS reflects what the
-			// proxy keeps, not its peak. Costs one GC cycle, only after big syncs.
-			debug.FreeOSMemory()
-		}
-		log.Info("synced", "mode", o.Mode, "full", res.Full, "changed", res.Changed, "services", len(snap.Services), "rules", res.Rules, "took", took.Round(time.Microsecond))
-		return nil
+	sc := syncer.Config{Mode: o.Mode, Families: o.proxyConfig.Families, Backend: backend, Source: tracker,
+		Metrics: m, ProxyHealth: proxyHealth, ServiceHealth: svcHealth, Log: log,
+		Conflicts: &syncer.ConflictReporter{Log: log.With("component", "frontends"), Metrics: m,
+			Recorder: syncer.NewEventRecorder(ctx, client), Node: o.nodeName, Service: tracker.Service},
+		// After the first successful sync: remove kube-proxy's leftovers and
+		// this node's other miniproxy modes' objects (takeover.go).
+		TakeOver: func(ctx context.Context) error { return takeOver(ctx, log, o) }}
+	if ct := newConntrackReconciler(log, o, m); ct != nil {
+		defer ct.Close()
+		sc.Conntrack = ct
 	}
-	// After the first successful sync: remove kube-proxy's leftovers and
-	// this node's other miniproxy modes' objects (takeover.go).
-	syncFn = afterFirstSync(log, syncFn, func(ctx context.Context) error { return takeOver(ctx, log, o) })
+	syncFn := syncer.New(sc).Sync
 	// Burst 2 as kube-proxy: a Service and its EndpointSlice arrive as two
 	// events; both are programmed without waiting out min-sync-period.
-	runner := mpsync.New(mpsync.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod, Burst: 2,
+	runner := syncrunner.New(syncrunner.Config{MinInterval: o.MinSyncPeriod, MaxInterval: o.SyncPeriod, Burst: 2,
 		Logger: log.With("component", "sync", "mode", o.Mode)}, clock.RealClock{}, syncFn)
 	// /livez judges whether the loop is alive; a long iptables cold start
 	// shows it is by reporting every restore chunk.

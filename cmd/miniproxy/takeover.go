@@ -10,38 +10,6 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/takeover"
 )
 
-// takeoverAttempts bounds how many successful syncs retry a takeover that
-// failed (the xtables lock held for long, say) before giving up.
-const takeoverAttempts = 5
-
-// afterFirstSync runs then after the first successful sync of syncFn (this
-// mode's rules are in), and again after later successful syncs while it
-// fails, at most takeoverAttempts times. It runs in the sync loop, so it
-// never interleaves with a sync. Its failure never fails the sync.
-func afterFirstSync(log *slog.Logger, syncFn func(context.Context, bool) error, then func(context.Context) error) func(context.Context, bool) error {
-	attempts := 0
-	done := false
-	return func(ctx context.Context, full bool) error {
-		if err := syncFn(ctx, full); err != nil {
-			return err
-		}
-		if done || attempts >= takeoverAttempts {
-			return nil
-		}
-		attempts++
-		if err := then(ctx); err != nil {
-			if attempts == takeoverAttempts {
-				log.Error("giving up removing other proxies' and modes' leftovers; remove them by hand (see README, Replacing kube-proxy)", "attempts", attempts, "err", err)
-			} else {
-				log.Warn("removing other proxies' and modes' leftovers failed; retrying after the next sync", "attempt", attempts, "err", err)
-			}
-			return nil
-		}
-		done = true
-		return nil
-	}
-}
-
 // takeOver removes, once this mode's rules are in, what would otherwise keep
 // answering beside them: kube-proxy's objects of every mode (pkg/takeover,
 // which logs each), then miniproxy's own objects of its other modes (a mode
@@ -79,21 +47,13 @@ func takeOver(ctx context.Context, log *slog.Logger, o *Options) error {
 		} else {
 			log.Info("removed miniproxy's objects of its other mode, if any", "mode", mode)
 		}
-		closeBackend(b)
+		if err := b.Close(); err != nil {
+			log.Debug("closing the other mode's backend", "mode", mode, "err", err)
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
 	log.Info("leftovers of kube-proxy and of miniproxy's other modes checked", "mode", o.Mode, "took", time.Since(start).Round(time.Millisecond))
 	return nil
-}
-
-// closeBackend releases a backend's handles, whichever Close it has.
-func closeBackend(b any) {
-	switch c := b.(type) {
-	case interface{ Close() error }:
-		_ = c.Close()
-	case interface{ Close() }:
-		c.Close()
-	}
 }

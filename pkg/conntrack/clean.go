@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
 )
 
 // ctnetlink message types and attributes (linux/netfilter/nfnetlink_conntrack.h).
@@ -59,19 +60,16 @@ type Cleaner struct {
 	ns *os.File
 }
 
-// New returns a Cleaner for the network namespace at netnsPath (for example
-// /run/netns/NAME, or /proc/PID/ns/net); "" means miniproxy's own namespace.
+// New returns a Cleaner for the network namespace ns (the zero value is
+// miniproxy's own), the one its backend programs (proxy.Config.NetNS).
 // It checks once that ctnetlink can be reached there, so a missing module or
 // capability shows at start, not at the first endpoint change.
-func New(netnsPath string) (*Cleaner, error) {
-	c := &Cleaner{}
-	if netnsPath != "" {
-		f, err := os.Open(netnsPath)
-		if err != nil {
-			return nil, fmt.Errorf("conntrack: open netns %s: %w", netnsPath, err)
-		}
-		c.ns = f
+func New(ns proxy.NetNS) (*Cleaner, error) {
+	f, err := ns.Open()
+	if err != nil {
+		return nil, fmt.Errorf("conntrack: %w", err)
 	}
+	c := &Cleaner{ns: f}
 	conn, err := c.dial()
 	if err != nil {
 		c.Close()

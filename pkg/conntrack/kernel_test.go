@@ -46,7 +46,7 @@ func newLab(t *testing.T, podIPs ...string) *lab {
 	netnstest.RequireRoot(t, "iptables-restore", "iptables-save", "sysctl")
 	n := netnstest.NewNode(t, podIPs...)
 	return &lab{node: n.NS, pods: n.Pods, client: n.Client, socks: map[int]*net.UDPConn{},
-		cfg: proxy.Config{ClusterCIDRs: []netip.Prefix{mt.ClusterCIDR}, LocalMode: proxy.LocalModeClusterCIDR}}
+		cfg: proxy.Config{NetNS: proxy.NetNS(n.NS.Path()), ClusterCIDRs: []netip.Prefix{mt.ClusterCIDR}, LocalMode: proxy.LocalModeClusterCIDR}}
 }
 
 // proxyProcess is what one miniproxy process holds: a backend and a
@@ -58,11 +58,11 @@ type proxyProcess struct {
 
 func (l *lab) start(t *testing.T) *proxyProcess {
 	t.Helper()
-	b, err := iptables.New(quiet, l.cfg, iptables.ExecRunner("ip", "netns", "exec", l.node.Name))
+	b, err := iptables.New(quiet, l.cfg, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := New(l.node.Path())
+	c, err := New(l.cfg.NetNS)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -446,7 +446,7 @@ func TestKernelOpenedFrontend(t *testing.T) {
 
 // TestNewBadNamespace checks that New reports an unusable path.
 func TestNewBadNamespace(t *testing.T) {
-	_, err := New("/run/netns/mp-does-not-exist")
+	_, err := New(proxy.NetNS("/run/netns/mp-does-not-exist"))
 	if !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("want a not-exist error, got %v", err)
 	}
@@ -472,7 +472,7 @@ func equal(a, b []string) bool {
 func BenchmarkKernelReconcile(b *testing.B) {
 	netnstest.RequireRoot(b)
 	node := netnstest.New(b, "ctb")
-	c, err := New(node.Path())
+	c, err := New(proxy.NetNS(node.Path()))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -52,16 +52,19 @@ type Reconciler struct {
 	gone map[*model.ServicePort]struct{}
 }
 
-// NewReconciler returns a Reconciler that uses c. cfg gives the families to
-// reconcile and the NodePort address selection (LocalhostNodePorts should be
-// set only in iptables mode, the only one that serves loopback). observe may
-// be nil.
+// NewReconciler returns a Reconciler that uses c, and closes it in Close.
+// cfg gives the families to reconcile and the NodePort address selection
+// (LocalhostNodePorts should be set only in iptables mode, the only one that
+// serves loopback). observe may be nil.
 func NewReconciler(log *slog.Logger, c *Cleaner, cfg proxy.Config, observe Observer) *Reconciler {
 	if observe == nil {
 		observe = func(string, time.Duration, int) {}
 	}
 	return &Reconciler{log: log, c: c, cfg: cfg, observe: observe, gone: map[*model.ServicePort]struct{}{}}
 }
+
+// Close releases the Cleaner's namespace handle.
+func (r *Reconciler) Close() error { return r.c.Close() }
 
 // udpPorts returns the tracked ports of snap.
 func udpPorts(snap *model.Snapshot) map[model.ServicePortName]*model.ServicePort {

@@ -11,7 +11,7 @@ import (
 
 	clocktesting "k8s.io/utils/clock/testing"
 
-	mpsync "github.com/miniproxy/miniproxy/pkg/sync"
+	"github.com/miniproxy/miniproxy/pkg/syncrunner"
 )
 
 // failsafe bounds how long a broken runner can hang a test; never an assertion.
@@ -24,13 +24,13 @@ const (
 	timeout    = 2 * syncPeriod
 )
 
-// loopHarness runs a real sync.Runner on a fake clock whose sync function
+// loopHarness runs a real syncrunner.Runner on a fake clock whose sync function
 // blocks until the test ends it, wired to a ProxyHealth as cmd/miniproxy
 // wires them (Updated after a successful sync, WatchLoop on the runner).
 type loopHarness struct {
 	t       *testing.T
 	clk     *clocktesting.FakeClock
-	r       *mpsync.Runner
+	r       *syncrunner.Runner
 	h       *ProxyHealth
 	calls   chan bool
 	results chan error
@@ -40,7 +40,7 @@ func startLoop(t *testing.T) *loopHarness {
 	t.Helper()
 	lh := &loopHarness{t: t, clk: clocktesting.NewFakeClock(now), calls: make(chan bool), results: make(chan error)}
 	lh.h = NewProxyHealth(timeout, lh.clk)
-	lh.r = mpsync.New(mpsync.Config{MinInterval: time.Second, MaxInterval: syncPeriod}, lh.clk, func(ctx context.Context, full bool) error {
+	lh.r = syncrunner.New(syncrunner.Config{MinInterval: time.Second, MaxInterval: syncPeriod}, lh.clk, func(ctx context.Context, full bool) error {
 		select {
 		case lh.calls <- full:
 		case <-ctx.Done():
@@ -166,43 +166,43 @@ func TestLivenessStates(t *testing.T) {
 		name       string
 		updated    time.Duration // > 0: last successful sync that long ago
 		queued     time.Duration // > 0: oldest queued change that long ago
-		loop       *mpsync.Status
+		loop       *syncrunner.Status
 		healthz    int
 		healthzWhy string
 		livez      int
 		livezWhy   string
 	}{
 		{name: "informers still listing (loop not started), apiserver slow or down",
-			queued: 10 * time.Minute, loop: &mpsync.Status{},
+			queued: 10 * time.Minute, loop: &syncrunner.Status{},
 			healthz: 503, healthzWhy: "has waited 10m0s", livez: 200},
 		{name: "idle, next sync due later",
-			updated: 10 * time.Second, loop: &mpsync.Status{Started: true, NextSync: now.Add(20 * time.Second)},
+			updated: 10 * time.Second, loop: &syncrunner.Status{Started: true, NextSync: now.Add(20 * time.Second)},
 			healthz: 200, livez: 200},
 		{name: "apiserver unreachable: no changes arrive, periodic full syncs succeed from the cache",
-			updated: 25 * time.Second, loop: &mpsync.Status{Started: true, NextSync: now.Add(5 * time.Second), Syncs: 40},
+			updated: 25 * time.Second, loop: &syncrunner.Status{Started: true, NextSync: now.Add(5 * time.Second), Syncs: 40},
 			healthz: 200, livez: 200},
 		{name: "idle loop a little late (busy machine)",
-			updated: time.Minute, loop: &mpsync.Status{Started: true, NextSync: ago(30 * time.Second)},
+			updated: time.Minute, loop: &syncrunner.Status{Started: true, NextSync: ago(30 * time.Second)},
 			healthz: 200, livez: 200},
 		{name: "idle loop stuck: its sync is overdue by the limit",
-			updated: 10 * time.Minute, loop: &mpsync.Status{Started: true, NextSync: ago(DefaultStuckAfter)},
+			updated: 10 * time.Minute, loop: &syncrunner.Status{Started: true, NextSync: ago(DefaultStuckAfter)},
 			healthz: 503, healthzWhy: "sync loop stuck: the sync due at", livez: 503, livezWhy: "has not started 5m0s later"},
 		{name: "failing briefly after a success: retried, still ready",
-			updated: 40 * time.Second, loop: &mpsync.Status{Started: true, NextSync: now.Add(2 * time.Second),
+			updated: 40 * time.Second, loop: &syncrunner.Status{Started: true, NextSync: now.Add(2 * time.Second),
 				FailingSince: ago(timeout - time.Millisecond), ConsecutiveFailures: 3, LastError: restoreErr},
 			healthz: 200, livez: 200},
 		{name: "failing for 2 × sync-period: not ready, still live (a restart cannot help)",
-			updated: 5 * time.Minute, loop: &mpsync.Status{Started: true, NextSync: now.Add(30 * time.Second),
+			updated: 5 * time.Minute, loop: &syncrunner.Status{Started: true, NextSync: now.Add(30 * time.Second),
 				FailingSince: ago(timeout), ConsecutiveFailures: 7, LastError: restoreErr},
 			healthz: 503, healthzWhy: "syncs have failed for 1m0s (7 in a row, limit 1m0s); last error: sync (full=true) failed: iptables IPv4 sync: restore: exit status 1: iptables-restore: line 12 failed",
 			livez: 200},
 		{name: "first sync failing for an hour: not ready, live",
-			loop: &mpsync.Status{Started: true, NextSync: now.Add(30 * time.Second),
+			loop: &syncrunner.Status{Started: true, NextSync: now.Add(30 * time.Second),
 				FailingSince: ago(time.Hour), ConsecutiveFailures: 125, LastError: restoreErr},
 			healthz: 503, healthzWhy: "syncs have failed for 1h0m0s", livez: 200},
 		{name: "long resync with a change waiting past the limit: not ready, live",
 			updated: 3 * time.Minute, queued: 2 * time.Minute,
-			loop:    &mpsync.Status{Started: true, Running: true, RunningSince: ago(2 * time.Minute), LastProgress: ago(time.Second)},
+			loop:    &syncrunner.Status{Started: true, Running: true, RunningSince: ago(2 * time.Minute), LastProgress: ago(time.Second)},
 			healthz: 503, healthzWhy: "has waited 2m0s", livez: 200},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -215,7 +215,7 @@ func TestLivenessStates(t *testing.T) {
 			}
 			if tc.loop != nil {
 				st := *tc.loop
-				h.WatchLoop(func() mpsync.Status { return st }, 0)
+				h.WatchLoop(func() syncrunner.Status { return st }, 0)
 			}
 			if tc.healthz == 200 {
 				tc.healthzWhy = `"healthy":true`

@@ -14,7 +14,7 @@ import (
 
 	"k8s.io/utils/clock"
 
-	mpsync "github.com/miniproxy/miniproxy/pkg/sync"
+	"github.com/miniproxy/miniproxy/pkg/syncrunner"
 )
 
 // DefaultStuckAfter is how long the sync loop may show no sign of life before
@@ -62,7 +62,7 @@ type ProxyHealth struct {
 	mu           sync.Mutex
 	lastUpdated  time.Time // end of the last successful sync; zero if none
 	oldestQueued time.Time // first change not yet covered by a sync; zero if none
-	loop         func() mpsync.Status
+	loop         func() syncrunner.Status
 	node         func() (eligible bool, reason string)
 	served       func(path string, code int)
 }
@@ -99,9 +99,9 @@ func NewProxyHealth(timeout time.Duration, clk clock.PassiveClock) *ProxyHealth 
 }
 
 // WatchLoop makes /livez (and so /healthz) judge the sync loop whose status
-// status returns, normally (*sync.Runner).Status. stuckAfter <= 0 means
+// status returns, normally (*syncrunner.Runner).Status. stuckAfter <= 0 means
 // DefaultStuckAfter. Until WatchLoop is called the loop counts as not started.
-func (h *ProxyHealth) WatchLoop(status func() mpsync.Status, stuckAfter time.Duration) {
+func (h *ProxyHealth) WatchLoop(status func() syncrunner.Status, stuckAfter time.Duration) {
 	if stuckAfter <= 0 {
 		stuckAfter = DefaultStuckAfter
 	}
@@ -170,7 +170,7 @@ func (h *ProxyHealth) check(ready bool) Status {
 	h.mu.Lock()
 	last, queued, loop, stuckAfter := h.lastUpdated, h.oldestQueued, h.loop, h.stuckAfter
 	h.mu.Unlock()
-	var ls mpsync.Status
+	var ls syncrunner.Status
 	if loop != nil {
 		ls = loop()
 	}

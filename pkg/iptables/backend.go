@@ -2,10 +2,12 @@ package iptables
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"os/exec"
 	"reflect"
 	"slices"
@@ -18,11 +20,15 @@ import (
 )
 
 // Runner runs a command with optional stdin and returns its combined output.
-// The agent runs commands directly; tests prefix "ip netns exec NS".
+// It must run the command in the backend's namespace (proxy.Config.NetNS);
+// New's default, ExecRunner(cfg.NetNS), does. Tests replace it with fakes.
 type Runner func(ctx context.Context, stdin string, name string, args ...string) ([]byte, error)
 
-// ExecRunner runs commands on this host (in the caller's network namespace).
-func ExecRunner(prefix ...string) Runner {
+// ExecRunner runs commands in the network namespace ns (the caller's own when
+// ns is zero), each prefixed by prefix (e.g. "env", "XTABLES_LOCKFILE=…").
+// The process is started from a thread switched into ns and inherits it, so
+// no "ip netns exec" process is needed.
+func ExecRunner(ns proxy.NetNS, prefix ...string) Runner {
 	return func(ctx context.Context, stdin string, name string, args ...string) ([]byte, error) {
 		argv := append(append([]string{}, prefix...), name)
 		argv = append(argv, args...)
@@ -30,11 +36,20 @@ func ExecRunner(prefix ...string) Runner {
 		if stdin != "" {
 			cmd.Stdin = strings.NewReader(stdin)
 		}
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			return out, fmt.Errorf("%s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(string(out)))
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		err := ns.Do(cmd.Start)
+		if err == nil {
+			err = cmd.Wait()
 		}
-		return out, nil
+		if err != nil {
+			where := ""
+			if !ns.Own() {
+				where = " (netns " + string(ns) + ")"
+			}
+			return out.Bytes(), fmt.Errorf("%s%s: %w: %s", strings.Join(argv, " "), where, err, strings.TrimSpace(out.String()))
+		}
+		return out.Bytes(), nil
 	}
 }
 
@@ -136,7 +151,9 @@ type Backend struct {
 	// the nf_tables variant (nil with iptables-legacy, whose rules the
 	// generation does not cover).
 	generation func() (uint32, error)
-	netns      int
+	// nsFile is cfg.NetNS, kept open for reading its generation (nil: the
+	// caller's namespace).
+	nsFile *os.File
 	// clean means the kernel held exactly what we last committed at
 	// generation gen: every commit since the last full sync was ours. A
 	// periodic full sync that finds gen unchanged has nothing to repair;
@@ -152,28 +169,19 @@ type Backend struct {
 	legacy bool
 }
 
-// Option configures a Backend.
-type Option func(*Backend)
+var _ proxy.Backend = (*Backend)(nil)
 
-// WithNetNSFd names the network namespace the runner's commands act in (an
-// open /run/netns/NAME), so that the backend reads that namespace's ruleset
-// generation. Without it the caller's namespace is read, which is right for
-// the agent, whose commands run where it runs.
-func WithNetNSFd(fd int) Option { return func(b *Backend) { b.netns = fd } }
-
-// New returns an iptables backend. It checks that the binaries exist before
-// anything touches the kernel.
-func New(log *slog.Logger, cfg proxy.Config, run Runner, opts ...Option) (*Backend, error) {
+// New returns an iptables backend programming cfg.NetNS. run may be nil
+// (ExecRunner(cfg.NetNS)). It checks that the binaries exist before anything
+// touches the kernel.
+func New(log *slog.Logger, cfg proxy.Config, run Runner) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	if run == nil {
-		run = ExecRunner()
+		run = ExecRunner(cfg.NetNS)
 	}
 	b := &Backend{log: log, cfg: cfg, run: run}
-	for _, o := range opts {
-		o(b)
-	}
 	for _, f := range []model.Family{model.IPv4, model.IPv6} {
 		if !cfg.HasFamily(f) {
 			continue
@@ -197,13 +205,40 @@ func New(log *slog.Logger, cfg proxy.Config, run Runner, opts ...Option) (*Backe
 		// Only iptables-nft keeps its rules in nf_tables; ask the binary.
 		out, err := run(context.Background(), "", b.families[0].tools.iptables, "-V")
 		if err == nil && strings.Contains(string(out), "nf_tables") {
-			b.generation = func() (uint32, error) { return nfgen.Read(b.netns) }
+			f, err := cfg.NetNS.Open()
+			if err != nil {
+				return nil, fmt.Errorf("iptables backend: %w", err)
+			}
+			b.nsFile = f
+			b.generation = func() (uint32, error) { return nfgen.Read(b.nsFD()) }
 		} else {
 			b.legacy = err == nil && strings.Contains(string(out), "legacy")
 			log.Info("drift checks rewrite every chain: the generation shortcut needs iptables-nft", "version", strings.TrimSpace(string(out)))
 		}
 	}
 	return b, nil
+}
+
+// nsFD is the descriptor nfgen reads the generation through (0: the
+// caller's namespace).
+func (b *Backend) nsFD() int {
+	if b.nsFile == nil {
+		return 0
+	}
+	return int(b.nsFile.Fd())
+}
+
+// Close implements proxy.Backend: it releases the namespace file. The
+// backend holds no other handle (every command is its own process).
+func (b *Backend) Close() error {
+	if b.nsFile == nil {
+		return nil
+	}
+	err := b.nsFile.Close()
+	b.nsFile = nil
+	// Read through fd 0 the generation would be the caller's namespace's.
+	b.generation = func() (uint32, error) { return 0, errors.New("iptables backend closed") }
+	return err
 }
 
 // Sync implements proxy.Backend.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 	mt "github.com/miniproxy/miniproxy/pkg/model/modeltest"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/test/crashtest"
 	"github.com/miniproxy/miniproxy/test/netnstest"
 )
@@ -374,13 +375,15 @@ func TestIptablesUnits(t *testing.T) {
 func TestKernelLegacyFullSyncIsOneRestore(t *testing.T) {
 	netnstest.RequireRoot(t, "iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save")
 	ns := netnstest.New(t, "legacy")
-	inNS := ExecRunner("ip", "netns", "exec", ns.Name)
+	c := cfg()
+	c.NetNS = proxy.NetNS(ns.Path())
+	inNS := ExecRunner(c.NetNS)
 	// The tools the backend runs, as the legacy variant (never in the
-	// root namespace: only through ip netns exec).
+	// root namespace: only inside ns).
 	run := func(ctx context.Context, stdin, name string, args ...string) ([]byte, error) {
 		return inNS(ctx, stdin, strings.Replace(name, "iptables", "iptables-legacy", 1), args...)
 	}
-	b, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg(), run, WithNetNSFd(ns.FD(t)))
+	b, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), c, run)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -390,7 +393,7 @@ func TestKernelLegacyFullSyncIsOneRestore(t *testing.T) {
 	for i, what := range []string{"cold start", "restart's first sync"} {
 		if i == 1 {
 			// A new process over the rules of the first.
-			fresh, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg(), run, WithNetNSFd(ns.FD(t)))
+			fresh, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), c, run)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -46,12 +46,12 @@ func (v variant) bin(name string) string {
 // lockFile, if set, replaces /run/xtables.lock (XTABLES_LOCKFILE, honoured by
 // iptables ≥ 1.8.5), so that a test holding the lock never blocks the host's
 // or another test's iptables-legacy.
-func (v variant) runner(ns, lockFile string) Runner {
-	prefix := []string{"ip", "netns", "exec", ns}
+func (v variant) runner(ns proxy.NetNS, lockFile string) Runner {
+	var prefix []string
 	if lockFile != "" {
-		prefix = append([]string{"env", "XTABLES_LOCKFILE=" + lockFile}, prefix...)
+		prefix = []string{"env", "XTABLES_LOCKFILE=" + lockFile}
 	}
-	run := ExecRunner(prefix...)
+	run := ExecRunner(ns, prefix...)
 	return func(ctx context.Context, stdin string, name string, args ...string) ([]byte, error) {
 		return run(ctx, stdin, v.bin(name), args...)
 	}
@@ -97,7 +97,9 @@ func newFLab(t *testing.T, v variant, c proxy.Config, podIPs ...string) *flab {
 // newBackend is a new miniproxy process on the same node.
 func (l *flab) newBackend(t *testing.T) *Backend {
 	t.Helper()
-	b, err := New(slog.New(slog.NewTextHandler(l.log, nil)), l.cfg, l.v.runner(l.node.Name, l.lock), WithNetNSFd(l.node.FD(t)))
+	c := l.cfg
+	c.NetNS = proxy.NetNS(l.node.Path())
+	b, err := New(slog.New(slog.NewTextHandler(l.log, nil)), c, l.v.runner(c.NetNS, l.lock))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 	mt "github.com/miniproxy/miniproxy/pkg/model/modeltest"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/test/netnstest"
 )
 
@@ -28,12 +29,19 @@ func newLab(t *testing.T, podIPs ...string) *lab {
 	netnstest.RequireRoot(t, "iptables-restore", "iptables-save", "sysctl")
 	n := netnstest.NewNode(t, podIPs...)
 	l := &lab{node: n.NS, pods: n.Pods, client: n.Client}
-	b, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg(), ExecRunner("ip", "netns", "exec", l.node.Name), WithNetNSFd(l.node.FD(t)))
+	b, err := New(slog.New(slog.NewTextHandler(os.Stderr, nil)), l.cfg(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	l.backend = b
 	return l
+}
+
+// cfg is the tests' configuration, programming the lab's node namespace.
+func (l *lab) cfg() proxy.Config {
+	c := cfg()
+	c.NetNS = proxy.NetNS(l.node.Path())
+	return c
 }
 
 func (l *lab) sync(t *testing.T, snap *model.Snapshot, full bool) {
@@ -264,7 +272,7 @@ func TestKernelFullSyncDropsStaleChains(t *testing.T) {
 
 	// A new process (restart) with only {a}: c's chains are a previous
 	// run's leftovers.
-	b2, err := New(slog.New(slog.NewTextHandler(io.Discard, nil)), cfg(), ExecRunner("ip", "netns", "exec", l.node.Name), WithNetNSFd(l.node.FD(t)))
+	b2, err := New(slog.New(slog.NewTextHandler(io.Discard, nil)), l.cfg(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -346,7 +346,7 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	// the nftables renderer decides: a Service whose endpoints are all
 	// terminating and no longer serving rejects at once, it does not drop
 	// as if it had endpoints elsewhere.
-	any := len(cluster) > 0
+	hasEndpoints := len(cluster) > 0
 	proto := sp.Protocol.Lower()
 	// TCP gets a reset rather than kube-proxy's ICMP port-unreachable: the
 	// kernel rate-limits ICMP errors per destination (icmp_ratelimit, ~1/s
@@ -431,7 +431,7 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 		out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, clusterMatch, internalChain))
 	} else {
 		target := "DROP"
-		if !any {
+		if !hasEndpoints {
 			target = reject
 		}
 		out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j %s", ChainServices, clusterMatch, target))
@@ -466,7 +466,7 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 		out.Chains = append(out.Chains, Chain{NAT, n.ext, rules})
 	}
 	dropOrReject := "DROP"
-	if !any {
+	if !hasEndpoints {
 		dropOrReject = reject
 	}
 	natOrFilter := func(match string, natTarget string) {

@@ -105,14 +105,14 @@ func (t *restoreText) String() string {
 }
 
 // sharedDelta returns the lines to delete from and add to shared chains when
-// a service's shared rules go from old to new.
-func sharedDelta(old, new []string) (del, add []string) {
+// a service's shared rules go from old to cur.
+func sharedDelta(old, cur []string) (del, add []string) {
 	oldSet := make(map[string]bool, len(old))
 	for _, l := range old {
 		oldSet[l] = true
 	}
-	newSet := make(map[string]bool, len(new))
-	for _, l := range new {
+	newSet := make(map[string]bool, len(cur))
+	for _, l := range cur {
 		newSet[l] = true
 		if !oldSet[l] {
 			add = append(add, l)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/test/netnstest"
 )
 
@@ -30,7 +31,9 @@ func BenchmarkKernelColdStart(b *testing.B) {
 	snap := scaleSnapshot(n, 5)
 	for i := 0; i < b.N; i++ {
 		ns := netnstest.New(b, "bench")
-		be, err := New(slog.New(slog.NewTextHandler(io.Discard, nil)), cfg(), ExecRunner("ip", "netns", "exec", ns.Name), WithNetNSFd(ns.FD(b)))
+		c := cfg()
+		c.NetNS = proxy.NetNS(ns.Path())
+		be, err := New(slog.New(slog.NewTextHandler(io.Discard, nil)), c, nil)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -17,7 +17,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
-	"github.com/miniproxy/miniproxy/pkg/netnsrun"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 )
 
@@ -37,9 +36,6 @@ type Options struct {
 	// does not answer ARP for the addresses on kube-ipvs0 (needed by
 	// MetalLB-style load balancers), as kube-proxy's strictARP does.
 	StrictARP bool
-	// NetNSPath selects the network namespace to program (e.g.
-	// /run/netns/node1); empty means the caller's own.
-	NetNSPath string
 	// Interface overrides the dummy interface name.
 	Interface string
 }
@@ -95,38 +91,30 @@ func New(cfg proxy.Config, opts Options) (*Backend, error) {
 		opts.Interface = DefaultInterface
 	}
 	b := &Backend{cfg: cfg, opts: opts, owned: map[Key]bool{}, draining: map[Key]map[netip.AddrPort]bool{}}
+	// The namespace file stays open for the backend's lifetime: nftables
+	// opens a socket per batch inside the namespace of its fd.
+	f, err := cfg.NetNS.Open()
+	if err != nil {
+		return nil, fmt.Errorf("ipvs backend: %w", err)
+	}
+	b.nsFile = f
 	ns := netns.None()
-	if opts.NetNSPath != "" {
-		h, err := netns.GetFromPath(opts.NetNSPath)
-		if err != nil {
-			return nil, fmt.Errorf("open netns %s: %w", opts.NetNSPath, err)
-		}
-		defer h.Close()
-		ns = h
+	nftOpts := []nftables.ConnOption{nftables.WithSockOptions(bigSendBuffer)}
+	if f != nil {
+		ns = netns.NsHandle(int(f.Fd()))
+		nftOpts = append(nftOpts, nftables.WithNetNSFd(int(f.Fd())))
 	}
-	var err error
 	if b.nl, err = netlink.NewHandleAt(ns, unix.NETLINK_ROUTE); err != nil {
-		return nil, fmt.Errorf("netlink handle in %q: %w", opts.NetNSPath, err)
+		b.Close()
+		return nil, fmt.Errorf("netlink handle in %q: %w", cfg.NetNS, err)
 	}
-	if !ipvsAvailable(opts.NetNSPath) {
-		b.nl.Close()
+	if !ipvsAvailable(cfg.NetNS) {
+		b.Close()
 		return nil, fmt.Errorf("the kernel has no IPVS (/proc/net/ip_vs missing; load ip_vs)")
 	}
-	if b.ipvs, err = mobyipvs.New(opts.NetNSPath); err != nil {
-		b.nl.Close()
-		return nil, fmt.Errorf("ipvs handle in %q: %w", opts.NetNSPath, err)
-	}
-	nftOpts := []nftables.ConnOption{nftables.WithSockOptions(bigSendBuffer)}
-	if opts.NetNSPath != "" {
-		// nftables opens a socket per batch inside the namespace of this
-		// fd, so the fd must stay open for the backend's lifetime.
-		f, err := os.Open(opts.NetNSPath)
-		if err != nil {
-			b.Close()
-			return nil, fmt.Errorf("open netns %s for nftables: %w", opts.NetNSPath, err)
-		}
-		b.nsFile = f
-		nftOpts = append(nftOpts, nftables.WithNetNSFd(int(f.Fd())))
+	if b.ipvs, err = mobyipvs.New(string(cfg.NetNS)); err != nil {
+		b.Close()
+		return nil, fmt.Errorf("ipvs handle in %q: %w", cfg.NetNS, err)
 	}
 	if b.nft, err = nftables.New(nftOpts...); err != nil {
 		b.Close()
@@ -137,9 +125,9 @@ func New(cfg proxy.Config, opts Options) (*Backend, error) {
 
 // ipvsAvailable checks without side effects whether IPVS is loaded (the
 // moby handle would otherwise try modprobe and log, then fail later).
-func ipvsAvailable(nsPath string) bool {
+func ipvsAvailable(ns proxy.NetNS) bool {
 	ok := false
-	_ = inNetNS(nsPath, func() error {
+	_ = ns.Do(func() error {
 		_, err := os.Stat("/proc/net/ip_vs")
 		ok = err == nil
 		return nil
@@ -572,7 +560,7 @@ func (b *Backend) setupNode() error {
 		set["net/ipv4/conf/all/arp_ignore"] = "1"
 		set["net/ipv4/conf/all/arp_announce"] = "2"
 	}
-	err := inNetNS(b.opts.NetNSPath, func() error {
+	err := b.cfg.NetNS.Do(func() error {
 		for k, v := range set {
 			if err := os.WriteFile(filepath.Join("/proc/sys", k), []byte(v), 0o644); err != nil {
 				return fmt.Errorf("sysctl %s=%s: %w", k, v, err)
@@ -693,25 +681,9 @@ func keyOf(s *mobyipvs.Service) (Key, bool) {
 	if !ok {
 		return Key{}, false
 	}
-	var p model.Protocol
-	switch s.Protocol {
-	case unix.IPPROTO_TCP:
-		p = model.TCP
-	case unix.IPPROTO_UDP:
-		p = model.UDP
-	case unix.IPPROTO_SCTP:
-		p = model.SCTP
-	default:
+	p, ok := protoOf(s.Protocol)
+	if !ok {
 		return Key{}, false
 	}
 	return Key{IP: ip.Unmap(), Proto: p, Port: s.Port}, true
-}
-
-// inNetNS runs fn on a thread switched into the namespace at path (or on the
-// current thread when path is empty).
-func inNetNS(path string, fn func() error) error {
-	if path == "" {
-		return fn()
-	}
-	return netnsrun.Path(path, fn)
 }

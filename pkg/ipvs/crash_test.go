@@ -56,7 +56,7 @@ type childSpec struct {
 }
 
 func (s childSpec) config() proxy.Config {
-	cfg := proxy.Config{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(glab.ClusterNet)}}
+	cfg := proxy.Config{NetNS: proxy.NetNS(s.NetNS), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(glab.ClusterNet)}}
 	if s.NodePortCIDR != "" {
 		cfg.NodePortAddresses = []netip.Prefix{netip.MustParsePrefix(s.NodePortCIDR)}
 	}
@@ -74,7 +74,7 @@ func TestCrashChild(t *testing.T) {
 	if err := json.Unmarshal([]byte(raw), &spec); err != nil {
 		t.Fatalf("child spec: %v", err)
 	}
-	be, err := New(spec.config(), Options{NetNSPath: spec.NetNS})
+	be, err := New(spec.config(), Options{})
 	if err != nil {
 		t.Fatalf("child backend: %v", err)
 	}
@@ -311,7 +311,8 @@ func checkConverged(t *testing.T, h *mobyipvs.Handle, be *Backend, fs []foreignV
 
 func restartSync(t *testing.T, cfg proxy.Config, nsPath string, s *model.Snapshot) *Backend {
 	t.Helper()
-	be, err := New(cfg, Options{NetNSPath: nsPath})
+	cfg.NetNS = proxy.NetNS(nsPath)
+	be, err := New(cfg, Options{})
 	glab.Must(t, err, "restarted backend")
 	t.Cleanup(func() { _ = be.Close() })
 	if _, err := be.Sync(context.Background(), s, true); err != nil {
@@ -350,7 +351,7 @@ func testCrashBetweenCreateAndRecord(t *testing.T) {
 
 	crash()
 	glab.Must(t, be.Close(), "close")
-	be2, err := New(l.cfg, Options{NetNSPath: glab.NSPath(l.Node)})
+	be2, err := New(l.cfg, Options{})
 	glab.Must(t, err, "cleanup backend")
 	defer be2.Close()
 	glab.Must(t, be2.Cleanup(context.Background()), "--cleanup")

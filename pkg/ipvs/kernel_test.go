@@ -299,7 +299,7 @@ func TestKernel(t *testing.T) {
 		// A new process (fresh backend) whose snapshot no longer has the
 		// service must remove its virtual servers, including the NodePort
 		// ones on node addresses it knows only from the nftables record.
-		be2, err := New(l.cfg, Options{NetNSPath: glab.NSPath(l.Node)})
+		be2, err := New(l.cfg, Options{})
 		glab.Must(t, err, "second backend")
 		defer be2.Close()
 		if _, err := be2.Sync(context.Background(), snap(service("other", "10.96.0.20", model.TCP, 1)), true); err != nil {

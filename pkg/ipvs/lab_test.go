@@ -22,8 +22,7 @@ type lab struct {
 func newLab(t *testing.T, nPods int, opts Options) *lab {
 	t.Helper()
 	l := &lab{Lab: glab.New(t, nPods), t: t}
-	l.cfg = proxy.Config{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(glab.ClusterNet)}}
-	opts.NetNSPath = glab.NSPath(l.Node)
+	l.cfg = proxy.Config{NetNS: proxy.NetNS(glab.NSPath(l.Node)), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(glab.ClusterNet)}}
 	var err error
 	l.be, err = New(l.cfg, opts)
 	glab.Must(t, err, "new backend")

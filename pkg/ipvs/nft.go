@@ -71,20 +71,14 @@ func decodeVIPKey(b []byte) (Key, bool) {
 		return Key{}, false
 	}
 	ip, _ := netip.AddrFromSlice(b[:alen])
-	var p model.Protocol
-	switch b[alen] {
-	case unix.IPPROTO_TCP:
-		p = model.TCP
-	case unix.IPPROTO_UDP:
-		p = model.UDP
-	case unix.IPPROTO_SCTP:
-		p = model.SCTP
-	default:
+	p, ok := protoOf(uint16(b[alen]))
+	if !ok {
 		return Key{}, false
 	}
 	return Key{IP: ip, Proto: p, Port: binary.BigEndian.Uint16(b[alen+4:])}, true
 }
 
+// protoNum is p's IP protocol number, as IPVS and nftables keys carry it.
 func protoNum(p model.Protocol) byte {
 	switch p {
 	case model.UDP:
@@ -94,6 +88,19 @@ func protoNum(p model.Protocol) byte {
 	default:
 		return unix.IPPROTO_TCP
 	}
+}
+
+// protoOf is protoNum's inverse; false for a protocol no Service uses.
+func protoOf(num uint16) (model.Protocol, bool) {
+	switch num {
+	case unix.IPPROTO_TCP:
+		return model.TCP, true
+	case unix.IPPROTO_UDP:
+		return model.UDP, true
+	case unix.IPPROTO_SCTP:
+		return model.SCTP, true
+	}
+	return "", false
 }
 
 // loadVIP puts daddr . l4proto . th dport into the concatenation registers.

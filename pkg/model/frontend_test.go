@@ -36,9 +36,9 @@ func lb(ips ...string) func(*model.ServicePort) {
 }
 
 // apply runs one Update and returns the effective port per name it reported.
-func apply(t *testing.T, x *model.Frontends, old, new []*model.ServicePort) (map[model.ServicePortName]*model.ServicePort, model.FrontendChanges) {
+func apply(t *testing.T, x *model.Frontends, old, cur []*model.ServicePort) (map[model.ServicePortName]*model.ServicePort, model.FrontendChanges) {
 	t.Helper()
-	ch := x.Update(old, new)
+	ch := x.Update(old, cur)
 	out := map[model.ServicePortName]*model.ServicePort{}
 	for _, sp := range ch.Effective {
 		if _, dup := out[sp.Name]; dup {
@@ -339,7 +339,7 @@ func TestFrontendIncrementalMatchesScratch(t *testing.T) {
 	reported := map[string]bool{}
 	for step := range 2000 {
 		i := rng.IntN(12)
-		var old, new []*model.ServicePort
+		var old, cur []*model.ServicePort
 		if sp := declared[i]; sp != nil {
 			old = append(old, sp)
 			delete(declared, i)
@@ -348,13 +348,13 @@ func TestFrontendIncrementalMatchesScratch(t *testing.T) {
 		if rng.IntN(4) != 0 {
 			sp := random(i)
 			declared[i] = sp
-			new = append(new, sp)
+			cur = append(cur, sp)
 		}
 		before := map[model.ServicePortName]*model.ServicePort{}
 		for n, sp := range programmed {
 			before[n] = sp
 		}
-		ch := x.Update(old, new)
+		ch := x.Update(old, cur)
 		for _, sp := range ch.Effective {
 			programmed[sp.Name] = sp
 		}
@@ -385,7 +385,7 @@ func TestFrontendIncrementalMatchesScratch(t *testing.T) {
 			if !reflect.DeepEqual(got, w) {
 				t.Fatalf("step %d: %s incremental %+v\nfrom scratch %+v", step, w.Name, got, w)
 			}
-			if b := before[w.Name]; b != nil && b != got && reflect.DeepEqual(b, got) && !slices.Contains(new, declaredOf(declared, w.Name)) {
+			if b := before[w.Name]; b != nil && b != got && reflect.DeepEqual(b, got) && !slices.Contains(cur, declaredOf(declared, w.Name)) {
 				t.Errorf("step %d: %s got a new pointer with unchanged content", step, w.Name)
 			}
 		}

@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 
 	gnft "github.com/google/nftables"
@@ -24,7 +25,13 @@ import (
 // Backend implements proxy.Backend with nftables.
 type Backend struct {
 	cfg   proxy.Config
-	netns int // fd of the target network namespace; 0 = the caller's
+	netns int // fd of nsFile, the target network namespace; 0 = the caller's
+	// nsFile is cfg.NetNS, open for the backend's lifetime (netlink
+	// sockets are opened in it per batch).
+	nsFile *os.File
+	// closed is set by Close: with the namespace file gone, netlink would
+	// reach the caller's namespace instead, so every later call fails.
+	closed bool
 	// shards is how many tables the Services are spread over (1: all in
 	// the main table); see ruleset.RenderSharded.
 	shards int
@@ -46,12 +53,10 @@ type Backend struct {
 
 var _ proxy.Backend = (*Backend)(nil)
 
+var errClosed = errors.New("nftables backend used after Close")
+
 // Option configures a Backend.
 type Option func(*Backend)
-
-// WithNetNSFd makes every netlink operation target the network namespace
-// referred to by fd (e.g. an open /run/netns/NAME). The caller keeps fd open.
-func WithNetNSFd(fd int) Option { return func(b *Backend) { b.netns = fd } }
 
 // WithShards spreads the Services over n shard tables per family (n <= 1:
 // one table). A commit that adds a Service or changes its endpoints then
@@ -62,7 +67,7 @@ func WithShards(n int) Option { return func(b *Backend) { b.shards = max(n, 1) }
 // that the first packet of every new connection passes.
 const MaxShards = 64
 
-// New returns an nftables backend for cfg.
+// New returns an nftables backend for cfg, programming cfg.NetNS.
 func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("nftables backend: %w", err)
@@ -74,12 +79,28 @@ func New(cfg proxy.Config, opts ...Option) (*Backend, error) {
 	if b.shards > MaxShards {
 		return nil, fmt.Errorf("nftables backend: %d shards, at most %d", b.shards, MaxShards)
 	}
+	f, err := cfg.NetNS.Open()
+	if err != nil {
+		return nil, fmt.Errorf("nftables backend: %w", err)
+	}
+	if f != nil {
+		b.nsFile, b.netns = f, int(f.Fd())
+	}
 	return b, nil
 }
 
-// Render returns the ruleset this backend would program for snap (pure).
-func (b *Backend) Render(snap *model.Snapshot) *rs.Ruleset {
-	return rs.RenderSharded(snap, &b.cfg, nil, b.shards)
+// Close implements proxy.Backend: it releases the namespace file (every
+// netlink socket is closed after its batch).
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.closed = true
+	if b.nsFile == nil {
+		return nil
+	}
+	err := b.nsFile.Close()
+	b.nsFile, b.netns = nil, 0
+	return err
 }
 
 // Sync implements proxy.Backend.
@@ -88,6 +109,9 @@ func (b *Backend) Sync(ctx context.Context, snap *model.Snapshot, full bool) (pr
 	defer b.mu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return proxy.Result{}, fmt.Errorf("nftables sync: %w", err)
+	}
+	if b.closed {
+		return proxy.Result{}, errClosed
 	}
 	desired := rs.RenderSharded(snap, &b.cfg, b.committed, b.shards)
 	g0, gerr := b.genID()
@@ -172,6 +196,9 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	defer b.mu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("nftables cleanup: %w", err)
+	}
+	if b.closed {
+		return errClosed
 	}
 	c, err := b.conn()
 	if err != nil {

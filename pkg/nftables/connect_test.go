@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miniproxy/miniproxy/internal/machine"
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/nftables/internal/fixture"
 	"github.com/miniproxy/miniproxy/pkg/nftables/ruleset"
@@ -91,7 +92,7 @@ func TestConnectFlatness(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer f.Close()
-		fmt.Fprintf(f, "\nnftables, connect from the node namespace (nat output), %d connects × 3 rounds, %s, load %s:\n\n", connects, time.Now().UTC().Format(time.RFC3339), loadavg())
+		fmt.Fprintf(f, "\nnftables, connect from the node namespace (nat output), %d connects × 3 rounds, %s, load %s:\n\n", connects, time.Now().UTC().Format(time.RFC3339), machine.LoadAvg())
 		fmt.Fprintln(f, "| shards | Services | VIP p50 | VIP p99 | direct p50 | VIP − direct (rules' cost) |\n|---|---|---|---|---|---|")
 		fmt.Fprintln(f, strings.Join(rows, "\n"))
 	}

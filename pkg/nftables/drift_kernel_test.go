@@ -11,6 +11,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/nftables/internal/fixture"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/test/netnstest"
 )
 
@@ -288,10 +289,13 @@ add set inet cni-foo blocked { type ipv4_addr; elements = { 192.0.2.9 }; }
 	mustSync(t, b, changeTwo(snap), true)
 	check("drift repair")
 	// A new run (first sync removes stale tables of ours).
-	b2, err := New(trafficConfig(), WithNetNSFd(fd), WithShards(1))
+	cfg2 := trafficConfig()
+	cfg2.NetNS = proxy.NetNS(ns.Path())
+	b2, err := New(cfg2, WithShards(1))
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer b2.Close()
 	mustSync(t, b2, snap, false)
 	check("restart with another shard count")
 	if err := b2.Cleanup(context.Background()); err != nil {

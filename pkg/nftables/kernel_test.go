@@ -41,10 +41,12 @@ func newNSBackend(t testing.TB, cfg proxy.Config, opts ...Option) (*netnstest.NS
 	t.Helper()
 	netnstest.RequireRoot(t, "nft")
 	ns := netnstest.New(t, "nft")
-	b, err := New(cfg, append([]Option{WithNetNSFd(ns.FD(t))}, opts...)...)
+	cfg.NetNS = proxy.NetNS(ns.Path())
+	b, err := New(cfg, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { b.Close() })
 	return ns, b
 }
 
@@ -261,10 +263,13 @@ func TestKernelSharded(t *testing.T) {
 	check("after repairing " + victim)
 
 	// The next run has 2 shards.
-	b2, err := New(trafficConfig(), WithNetNSFd(fd), WithShards(2))
+	cfg2 := trafficConfig()
+	cfg2.NetNS = proxy.NetNS(ns.Path())
+	b2, err := New(cfg2, WithShards(2))
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer b2.Close()
 	mustSync(t, b2, trafficSnap(), false)
 	if got, want := ourTables(t, ns), []string{"miniproxy", "miniproxy-shard-00", "miniproxy-shard-01"}; !slices.Equal(got, want) {
 		t.Fatalf("after a 2-shard run: tables %v, want %v", got, want)

@@ -84,19 +84,19 @@ func (p *plan) diffObjects(oldChains, newChains []*rs.Chain, oldSets, newSets []
 			p.delChains = append(p.delChains, c.Name)
 		}
 	}
-	os := make(map[string]bool, len(oldSets))
+	oldNames := make(map[string]bool, len(oldSets))
 	for _, s := range oldSets {
-		os[s.Name] = true
+		oldNames[s.Name] = true
 	}
-	ns := make(map[string]bool, len(newSets))
+	newNames := make(map[string]bool, len(newSets))
 	for _, s := range newSets {
-		ns[s.Name] = true
-		if !os[s.Name] {
+		newNames[s.Name] = true
+		if !oldNames[s.Name] {
 			p.addSets = append(p.addSets, s)
 		}
 	}
 	for _, s := range oldSets {
-		if !ns[s.Name] {
+		if !newNames[s.Name] {
 			p.delSets = append(p.delSets, s.Name)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	mt "github.com/miniproxy/miniproxy/pkg/model/modeltest"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/test/netnstest"
 )
 
@@ -16,10 +17,13 @@ import (
 func TestKernelSourceRangesNoneValid(t *testing.T) {
 	netnstest.RequireRoot(t, "nft", "sysctl")
 	n := netnstest.NewNode(t, "10.180.0.5")
-	b, err := New(trafficConfig(), WithNetNSFd(n.FD(t)))
+	cfg := trafficConfig()
+	cfg.NetNS = proxy.NetNS(n.Path())
+	b, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer b.Close()
 	open := mt.SP("ns", "open", "", "172.30.0.40", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
 	open.LoadBalancerIPs, open.LoadBalancerSourceRanges = mt.Addrs("198.51.100.4"), mt.Prefixes("10.180.0.100/32")
 	closed := mt.SP("ns", "closed", "", "172.30.0.41", 80, mt.Ep("10.180.0.5", 8080, "node-a"))

@@ -6,8 +6,10 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 
 	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/netnsrun"
 )
 
 // Backend programs a model snapshot into the kernel.
@@ -20,6 +22,10 @@ type Backend interface {
 	Sync(ctx context.Context, snap *model.Snapshot, full bool) (Result, error)
 	// Cleanup removes everything this backend ever created, and nothing else.
 	Cleanup(ctx context.Context) error
+	// Close releases the backend's handles (netlink sockets, the namespace
+	// file). It changes nothing in the kernel: rules stay in place when the
+	// agent stops. The backend is not used after Close.
+	Close() error
 }
 
 // Result describes one sync, for metrics and logs.
@@ -48,6 +54,39 @@ type TableRules struct {
 	Total, Last int
 }
 
+// NetNS names a network namespace by the path of its namespace file
+// (/run/netns/NAME, /proc/PID/ns/net). The zero value is the caller's own
+// namespace, which is what the agent programs.
+type NetNS string
+
+// Own reports whether n is the caller's own namespace.
+func (n NetNS) Own() bool { return n == "" }
+
+// Open opens the namespace file, for sockets that must act inside it
+// (netlink.Config.NetNS, nftables.WithNetNSFd) and for setns. A backend keeps
+// the file open for its lifetime, so it reaches the same namespace even if
+// the name is removed meanwhile, and closes it in Close. For the caller's own
+// namespace Open returns nil, nil.
+func (n NetNS) Open() (*os.File, error) {
+	if n.Own() {
+		return nil, nil
+	}
+	f, err := os.Open(string(n))
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", string(n), err)
+	}
+	return f, nil
+}
+
+// Do runs fn inside the namespace (on a thread switched into it; sockets fn
+// creates stay there), or directly for the caller's own namespace.
+func (n NetNS) Do(fn func() error) error {
+	if n.Own() {
+		return fn()
+	}
+	return netnsrun.Path(string(n), fn)
+}
+
 // LocalMode is --detect-local-mode.
 type LocalMode string
 
@@ -59,8 +98,13 @@ const (
 )
 
 // Config holds the settings every backend honours. The zero value is usable
-// (no local-traffic detector, NodePorts on every local address).
+// (the caller's namespace, no local-traffic detector, NodePorts on every
+// local address).
 type Config struct {
+	// NetNS is the network namespace to program. Every backend (and the
+	// conntrack cleaner) takes it here, so tests and the lab point a backend
+	// at a node namespace the same way whatever the mode.
+	NetNS NetNS
 	// Families lists the IP families to program. Empty means IPv4 only.
 	Families []model.Family
 	// ClusterCIDRs are --cluster-cidr (at most one per family).

@@ -38,7 +38,7 @@ type Options struct {
 
 func (o *Options) run() iptables.Runner {
 	if o.Run == nil {
-		return iptables.ExecRunner()
+		return iptables.ExecRunner("")
 	}
 	return o.Run
 }
@@ -54,7 +54,7 @@ func (o *Options) log() *slog.Logger {
 // when there is none.
 func DetectVariant(ctx context.Context, run iptables.Runner) string {
 	if run == nil {
-		run = iptables.ExecRunner()
+		run = iptables.ExecRunner("")
 	}
 	out, err := run(ctx, "", "iptables", "-V")
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/test/netnstest"
 )
 
@@ -69,7 +70,7 @@ func TestTakeoverKernel(t *testing.T) {
 			ns.MustRun(t, "ipset", "create", "cni-other", "hash:ip")
 
 			var logs bytes.Buffer
-			run := iptables.ExecRunner("ip", "netns", "exec", ns.Name)
+			run := iptables.ExecRunner(proxy.NetNS(ns.Path()))
 			o := Options{
 				Self:    Self{Mode: mode, Variant: DetectVariant(ctx, run), Families: []model.Family{model.IPv4}},
 				Run:     run,

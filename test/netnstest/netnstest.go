@@ -55,7 +55,7 @@ func New(t testing.TB, prefix string) *NS {
 func (n *NS) Path() string { return "/run/netns/" + n.Name }
 
 // FD opens the namespace for netlink sockets that must act inside it
-// (netlink.Config.NetNS, the backends' WithNetNSFd) and closes it at test cleanup.
+// (netlink.Config.NetNS, nftables.WithNetNSFd) and closes it at test cleanup.
 func (n *NS) FD(t testing.TB) int {
 	t.Helper()
 	f, err := os.Open(n.Path())

@@ -38,6 +38,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	"github.com/miniproxy/miniproxy/internal/machine"
 	"github.com/miniproxy/miniproxy/test/e2e/framework"
 )
 
@@ -183,18 +184,6 @@ func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "[mpbench %s] %s\n", time.Now().UTC().Format("15:04:05"), fmt.Sprintf(format, args...))
 }
 
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
-}
-
 func run(o options) error {
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
@@ -212,7 +201,7 @@ func run(o options) error {
 	}()
 	res := &Result{
 		Date: time.Now().UTC(), CPUs: runtime.NumCPU(), GoVersion: runtime.Version(), K8sVersion: framework.K8sVersion,
-		Quick: o.quick, Ns: o.ns, Endpoints: epsPerSvc, LoadBefore: loadavg(),
+		Quick: o.quick, Ns: o.ns, Endpoints: epsPerSvc, LoadBefore: machine.LoadAvg(),
 	}
 	res.Host, _ = os.Hostname()
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
@@ -224,7 +213,7 @@ func run(o options) error {
 	stamp := res.Date.Format("2006-01-02-1504")
 	jsonPath := filepath.Join(o.out, stamp+".json")
 	save := func() {
-		res.LoadAfter = loadavg()
+		res.LoadAfter = machine.LoadAvg()
 		b, _ := json.MarshalIndent(res, "", "  ")
 		if err := os.WriteFile(jsonPath, append(b, '\n'), 0o644); err != nil {
 			logf("write %s: %v", jsonPath, err)
@@ -344,7 +333,7 @@ func cleanNode(ctx context.Context, node *framework.Node) error {
 }
 
 func benchOne(ctx context.Context, o options, cs kubernetes.Interface, node *framework.Node, client *framework.Pod, spec proxySpec, n int, targetIP string, live []string, logDir string) Run {
-	r := Run{Impl: spec.Impl, Mode: spec.Mode, N: n, TimeoutS: o.timeout.Seconds(), Load: loadavg(), Started: time.Now().UTC()}
+	r := Run{Impl: spec.Impl, Mode: spec.Mode, N: n, TimeoutS: o.timeout.Seconds(), Load: machine.LoadAvg(), Started: time.Now().UTC()}
 	logf("%s at %d Services: starting (load %s)", spec, n, r.Load)
 	if err := cleanNode(ctx, node); err != nil {
 		r.Error = err.Error()

@@ -522,7 +522,7 @@ func (r *renderer) service(sp *model.ServicePort) *ServiceObjects {
 	// goes back to the same endpoint), then numgen with probability
 	// 1/n, 1/(n-1), … so every endpoint is equally likely. Rules per
 	// endpoint instead of an inline anonymous vmap per Service keep the
-	// kernel's load time linear and small (DESIGN.md facts).
+	// kernel's load time linear and small (pkg/nftables/README.md).
 	cascade := func(eps []model.Endpoint) []Rule {
 		out := make([]Rule, 0, len(eps)*(1+int(min(sp.AffinitySeconds, 1))))
 		if sp.AffinitySeconds > 0 {

@@ -3,9 +3,12 @@
 // this node, which endpoints may answer, or whether it is rejected, dropped or
 // left alone, and whether it is masqueraded.
 //
-// Each backend checks the table two ways: a tracer that walks its rendered
-// rules without root (unit tests), and the namespace cluster (e2e). The
-// addresses follow pkg/model/modeltest.
+// The iptables and nftables backends check the table two ways: a tracer
+// walks their rendered rules without root (unit tests), and pkg/trace/live
+// traces the ruleset they programmed into a private namespace, read back from
+// the kernel (kernel tests). The e2e suite does not run the table; it checks
+// the same semantics with real connections, case by case. The addresses
+// follow pkg/model/modeltest.
 package behavior
 
 import (
@@ -103,7 +106,6 @@ var (
 	NodeIP     = netip.MustParseAddr("192.168.0.2")
 	OtherNode  = netip.MustParseAddr("192.168.0.3")
 	LocalPod   = netip.MustParseAddr("10.180.0.5")
-	RemotePod  = netip.MustParseAddr("10.180.1.5")
 	ClientPod  = netip.MustParseAddr("10.180.0.100")
 	Outside    = netip.MustParseAddr("203.0.113.10")  // inside the LB source range
 	Disallowed = netip.MustParseAddr("203.0.113.200") // outside it
@@ -171,8 +173,8 @@ func Declared() []*model.ServicePort {
 
 	one := mt.SP("ns", "one", "", "172.30.0.2", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
 
-	close := mt.SP("ns", "close", "", "172.30.0.90", 80, mt.Ep("10.180.0.5", 8080, "node-a"), mt.Ep("10.180.1.5", 8080, "node-b"))
-	close.PreferClose = true
+	preferClose := mt.SP("ns", "close", "", "172.30.0.90", 80, mt.Ep("10.180.0.5", 8080, "node-a"), mt.Ep("10.180.1.5", 8080, "node-b"))
+	preferClose.PreferClose = true
 
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	sharedZ := mt.SP("ns", "shared-z", "", "172.30.0.70", 80, mt.Ep("10.180.0.5", 8080, "node-a"))
@@ -184,7 +186,7 @@ func Declared() []*model.ServicePort {
 	sharedA.LoadBalancerIPs, sharedA.LoadBalancerSourceRanges = mt.Addrs("198.51.100.70"), mt.Prefixes("203.0.113.0/25")
 	sharedA.ExternalIPs = mt.Addrs("203.0.113.70", "203.0.113.71", "172.30.0.3")
 
-	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, closed, term, mixed, gone, udp, one, close, sharedZ, sharedA}
+	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, closed, term, mixed, gone, udp, one, preferClose, sharedZ, sharedA}
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }

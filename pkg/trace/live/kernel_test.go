@@ -28,15 +28,17 @@ func install(t *testing.T, mode string, cfg proxy.Config) (*netnstest.NS, Runner
 	ns := netnstest.New(t, "trace")
 	var b proxy.Backend
 	var err error
+	cfg.NetNS = proxy.NetNS(ns.Path())
 	switch mode {
 	case "iptables":
-		b, err = iptables.New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg, iptables.ExecRunner("ip", "netns", "exec", ns.Name), iptables.WithNetNSFd(ns.FD(t)))
+		b, err = iptables.New(slog.New(slog.NewTextHandler(os.Stderr, nil)), cfg, nil)
 	case "nftables":
-		b, err = nftables.New(cfg, nftables.WithNetNSFd(ns.FD(t)))
+		b, err = nftables.New(cfg)
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { b.Close() })
 	if _, err := b.Sync(context.Background(), behavior.Snapshot(), true); err != nil {
 		t.Fatal(err)
 	}

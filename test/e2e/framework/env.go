@@ -3,7 +3,7 @@
 // namespaces joined by an underlay bridge namespace, "pods" as namespaces on
 // each node's pod bridge running bin/podserver, and one miniproxy per node.
 // The e2e tests (test/e2e) and the lab (hack/lab) both use it, so it reports
-// errors instead of taking a *testing.T; testing.go adapts it for tests.
+// errors instead of taking a *testing.T; suite.go adapts it for tests.
 //
 // Why a control-plane namespace: kube-apiserver needs a non-loopback
 // --advertise-address it owns, and nothing may be added to the root

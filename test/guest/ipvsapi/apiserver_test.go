@@ -258,8 +258,8 @@ func TestAPIInGuest(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	l := glab.New(t, 3)
-	be, err := ipvs.New(proxy.Config{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(glab.ClusterNet)}},
-		ipvs.Options{NetNSPath: glab.NSPath(l.Node)})
+	be, err := ipvs.New(proxy.Config{NetNS: proxy.NetNS(glab.NSPath(l.Node)), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(glab.ClusterNet)}},
+		ipvs.Options{})
 	glab.Must(t, err, "backend")
 	defer be.Close()
 	nsName, nodeName := objects(t, ctx, client, "lib")

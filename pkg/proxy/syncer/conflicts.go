@@ -1,4 +1,4 @@
-package main
+package syncer
 
 import (
 	"context"
@@ -19,44 +19,50 @@ import (
 // that loses a frontend to another (model.Frontends).
 const ReasonFrontendConflict = "FrontendConflict"
 
-// newEventRecorder starts an events.k8s.io/v1 recorder (as kube-proxy's) that
+// NewEventRecorder starts an events.k8s.io/v1 recorder (as kube-proxy's) that
 // stops with ctx. The ClusterRole grants events.k8s.io events create and
 // patch, which is all this sink uses.
-func newEventRecorder(ctx context.Context, client kubernetes.Interface) events.EventRecorder {
+func NewEventRecorder(ctx context.Context, client kubernetes.Interface) events.EventRecorder {
 	b := events.NewBroadcaster(&events.EventSinkImpl{Interface: client.EventsV1()})
 	b.StartRecordingToSink(ctx.Done())
 	context.AfterFunc(ctx, b.Shutdown)
 	return b.NewRecorder(scheme.Scheme, "miniproxy")
 }
 
-// conflictReporter reports what the model decided about shared frontends:
+// ConflictReporter reports what the model decided about shared frontends:
 // each conflict once, when it begins (log line, counter, Event on the
 // losing Service), its end as a log line, and the number in force as a gauge.
 // The model only returns the conflicts; reporting them is this layer's job.
-type conflictReporter struct {
-	log  *slog.Logger
-	m    *metrics.Metrics
-	rec  events.EventRecorder
-	node string
-	// service finds the losing Service object (the Event needs its UID).
-	service func(types.NamespacedName) *v1.Service
+type ConflictReporter struct {
+	Log     *slog.Logger
+	Metrics *metrics.Metrics
+	// Recorder receives the Warning Events (nil: none are sent).
+	Recorder events.EventRecorder
+	// Node is this node's name, for the Event's message.
+	Node string
+	// Service finds the losing Service object (the Event needs its UID).
+	Service func(types.NamespacedName) *v1.Service
 }
 
-func (r *conflictReporter) report(ch model.FrontendChanges) {
-	r.m.FrontendConflicts.Set(float64(ch.Current))
+// Report implements Conflicts.
+func (r *ConflictReporter) Report(ch model.FrontendChanges) {
+	r.Metrics.FrontendConflicts.Set(float64(ch.Current))
 	for _, c := range ch.Appeared {
-		r.m.FrontendConflictsTotal.Inc()
-		r.log.Warn("frontend conflict: not programmed for the losing service port",
+		r.Metrics.FrontendConflictsTotal.Inc()
+		r.Log.Warn("frontend conflict: not programmed for the losing service port",
 			"frontend", c.Frontend.String(), "loser", c.Loser.String(), "loserKind", c.LoserKind.String(),
 			"winner", c.Winner.String(), "winnerKind", c.WinnerKind.String())
-		svc := r.service(types.NamespacedName{Namespace: c.Loser.Namespace, Name: c.Loser.Name})
-		if svc == nil || r.rec == nil {
+		if r.Recorder == nil {
 			continue
 		}
-		r.rec.Eventf(svc, nil, v1.EventTypeWarning, ReasonFrontendConflict, "Proxying", "%s", conflictNote(c, r.node))
+		svc := r.Service(types.NamespacedName{Namespace: c.Loser.Namespace, Name: c.Loser.Name})
+		if svc == nil {
+			continue
+		}
+		r.Recorder.Eventf(svc, nil, v1.EventTypeWarning, ReasonFrontendConflict, "Proxying", "%s", conflictNote(c, r.Node))
 	}
 	for _, c := range ch.Resolved {
-		r.log.Info("frontend conflict ended", "frontend", c.Frontend.String(), "loser", c.Loser.String(), "winner", c.Winner.String())
+		r.Log.Info("frontend conflict ended", "frontend", c.Frontend.String(), "loser", c.Loser.String(), "winner", c.Winner.String())
 	}
 }
 

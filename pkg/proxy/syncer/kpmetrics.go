@@ -1,6 +1,7 @@
-package main
+package syncer
 
 import (
+	"github.com/miniproxy/miniproxy/pkg/conntrack"
 	"github.com/miniproxy/miniproxy/pkg/metrics"
 	"github.com/miniproxy/miniproxy/pkg/model"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
@@ -15,9 +16,9 @@ func recordSyncMetrics(m *metrics.Metrics, families []model.Family, snap *model.
 	}
 	for _, f := range families {
 		internal, external := snap.NoLocalEndpoints(f)
-		m.SetNoLocalEndpoints(familyLabel(f), internal, external)
+		m.SetNoLocalEndpoints(conntrack.FamilyLabel(f), internal, external)
 	}
 	for _, t := range res.TableRules {
-		m.SetIPTablesRules(t.Table, familyLabel(t.Family), t.Total, t.Last)
+		m.SetIPTablesRules(t.Table, conntrack.FamilyLabel(t.Family), t.Total, t.Last)
 	}
 }

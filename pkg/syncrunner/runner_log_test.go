@@ -1,4 +1,4 @@
-package sync
+package syncrunner
 
 import (
 	"context"
@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	stdsync "sync"
+	"sync"
 	"testing"
 	"time"
 )
@@ -20,12 +20,12 @@ type logRecord struct {
 
 // captureHandler keeps every record (any level) for the test to inspect.
 type captureHandler struct {
-	mu      *stdsync.Mutex
+	mu      *sync.Mutex
 	records *[]logRecord
 }
 
 func newCapture() (*slog.Logger, func() []logRecord) {
-	h := captureHandler{mu: &stdsync.Mutex{}, records: &[]logRecord{}}
+	h := captureHandler{mu: &sync.Mutex{}, records: &[]logRecord{}}
 	return slog.New(h), func() []logRecord {
 		h.mu.Lock()
 		defer h.mu.Unlock()
@@ -48,12 +48,12 @@ func (h captureHandler) Handle(_ context.Context, r slog.Record) error {
 	return nil
 }
 
-// above returns the records at level >= min, as "LEVEL msg k=v…" lines with
-// only the keys asked for, so expectations stay readable.
-func above(recs []logRecord, min slog.Level, keys ...string) []string {
+// above returns the records at level >= least, as "LEVEL msg k=v…" lines
+// with only the keys asked for, so expectations stay readable.
+func above(recs []logRecord, least slog.Level, keys ...string) []string {
 	var out []string
 	for _, r := range recs {
-		if r.level < min {
+		if r.level < least {
 			continue
 		}
 		line := r.level.String() + " " + r.msg

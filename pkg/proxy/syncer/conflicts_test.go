@@ -1,4 +1,4 @@
-package main
+package syncer
 
 import (
 	"io"
@@ -25,8 +25,8 @@ func TestConflictReporter(t *testing.T) {
 	}
 	rec := events.NewFakeRecorder(10)
 	loser := &v1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "young", UID: "u1"}}
-	r := &conflictReporter{log: slog.New(slog.NewTextHandler(io.Discard, nil)), m: m, rec: rec, node: "node-a",
-		service: func(k types.NamespacedName) *v1.Service {
+	r := &ConflictReporter{Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Metrics: m, Recorder: rec, Node: "node-a",
+		Service: func(k types.NamespacedName) *v1.Service {
 			if k.Name == "young" {
 				return loser
 			}
@@ -38,8 +38,8 @@ func TestConflictReporter(t *testing.T) {
 		LoserKind: model.LoadBalancerFrontend, Winner: model.ServicePortName{Namespace: "ns", Name: "old", Port: "http", Protocol: model.TCP},
 		WinnerKind: model.LoadBalancerFrontend,
 	}
-	r.report(model.FrontendChanges{Appeared: []model.Conflict{c}, Current: 1})
-	r.report(model.FrontendChanges{Current: 1}) // later syncs report nothing new
+	r.Report(model.FrontendChanges{Appeared: []model.Conflict{c}, Current: 1})
+	r.Report(model.FrontendChanges{Current: 1}) // later syncs report nothing new
 	if got := testutil.ToFloat64(m.FrontendConflictsTotal); got != 1 {
 		t.Errorf("conflicts_total = %v, want 1", got)
 	}
@@ -55,7 +55,7 @@ func TestConflictReporter(t *testing.T) {
 			t.Errorf("event %q lacks %q", ev, want)
 		}
 	}
-	r.report(model.FrontendChanges{Resolved: []model.Conflict{c}})
+	r.Report(model.FrontendChanges{Resolved: []model.Conflict{c}})
 	if got := testutil.ToFloat64(m.FrontendConflicts); got != 0 {
 		t.Errorf("conflicts gauge after resolution = %v, want 0", got)
 	}

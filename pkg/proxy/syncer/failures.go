@@ -1,28 +1,21 @@
-package main
+package syncer
 
 import (
 	"strings"
 
+	"github.com/miniproxy/miniproxy/pkg/conntrack"
 	"github.com/miniproxy/miniproxy/pkg/model"
 )
-
-// familyLabel is kube-proxy's ip_family label value for f.
-func familyLabel(f model.Family) string {
-	if f == model.IPv6 {
-		return "IPv6"
-	}
-	return "IPv4"
-}
 
 // familyLabels returns the label values of the families a proxy programs
 // (IPv4 when none is configured, as proxy.Config does).
 func familyLabels(configured []model.Family) []string {
 	if len(configured) == 0 {
-		return []string{familyLabel(model.IPv4)}
+		return []string{conntrack.FamilyLabel(model.IPv4)}
 	}
 	out := make([]string, 0, len(configured))
 	for _, f := range configured {
-		out = append(out, familyLabel(f))
+		out = append(out, conntrack.FamilyLabel(f))
 	}
 	return out
 }
@@ -44,8 +37,8 @@ func failedFamilies(mode string, configured []model.Family, err error) []string 
 	}
 	msg := err.Error()
 	for _, f := range []model.Family{model.IPv4, model.IPv6} {
-		if strings.Contains(msg, "iptables "+familyLabel(f)+" sync:") {
-			return []string{familyLabel(f)}
+		if strings.Contains(msg, "iptables "+conntrack.FamilyLabel(f)+" sync:") {
+			return []string{conntrack.FamilyLabel(f)}
 		}
 	}
 	return all

@@ -1,4 +1,4 @@
-// Package sync decides when miniproxy programs the kernel.
+// Package syncrunner decides when miniproxy programs the kernel.
 //
 // A Runner calls one sync function, never concurrently with itself, under four
 // rules:
@@ -26,16 +26,13 @@
 // Status also tells whether the loop is alive, for liveness checks: whether a
 // sync is running and since when, when it last reported progress (Progress),
 // and, while idle, when the loop will next wake up.
-//
-// The package name shadows the standard library's sync on purpose (it is the
-// design's name for this layer); importers that need both alias one of them.
-package sync
+package syncrunner
 
 import (
 	"context"
 	"fmt"
 	"log/slog"
-	stdsync "sync"
+	"sync"
 	"time"
 
 	"k8s.io/utils/clock"
@@ -127,7 +124,7 @@ type Runner struct {
 	// so further Triggers have nothing to add and are dropped (coalescing).
 	trigger chan struct{}
 
-	mu     stdsync.Mutex
+	mu     sync.Mutex
 	status Status
 
 	// Failure log state, touched only by Run's goroutine.
