@@ -63,7 +63,8 @@ guest: build
 	bash hack/provision.sh >/dev/null
 	MINIPROXY_GUEST_REQUIRED=1 bash test/guest/run.sh
 
-test: unit e2e
+# make test: unit tests (-race), each fuzz target for FUZZTIME, then e2e.
+test: unit fuzz e2e
 
 lab: build
 	bash hack/lab.sh
