@@ -399,28 +399,38 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 		addSEPs(eps)
 	}
 
-	if usesSVC {
-		var pre []string
-		if r.Cfg.MasqueradeAll {
-			pre = append(pre, fmt.Sprintf("-A %s %s -d %s %s -j %s", n.svc, comment, r.host(vip), pm, ChainMarkMasq))
-		} else if locals := r.Cfg.LocalPrefixes(r.Family, node); len(locals) > 0 && r.Cfg.LocalMode != proxy.LocalModeNone {
-			// Off-node sources reaching a ClusterIP (e.g. through a route to
-			// the service CIDR) must be masqueraded so replies come back here.
-			for _, p := range locals {
-				pre = append(pre, fmt.Sprintf("-A %s %s ! -s %s -d %s %s -j %s", n.svc, comment, p, r.host(vip), pm, ChainMarkMasq))
-			}
-		}
-		balance(n.svc, cluster, pre)
-	}
-	if usesSVL {
-		balance(n.svl, local, nil)
-	}
-
-	// ClusterIP dispatch.
+	// ClusterIP dispatch goes to the internal chain: SVL under
+	// internalTrafficPolicy Local, else SVC.
 	internalChain := n.svc
 	if sp.InternalPolicyLocal {
 		internalChain = n.svl
 	}
+	// The ClusterIP masquerade rules head the internal chain, whichever it
+	// is (as in kube-proxy): an ITP=Local ClusterIP reached from the node
+	// or from off the node is masqueraded too.
+	masqPre := func(chain string) []string {
+		if chain != internalChain {
+			return nil
+		}
+		var pre []string
+		if r.Cfg.MasqueradeAll {
+			pre = append(pre, fmt.Sprintf("-A %s %s -d %s %s -j %s", chain, comment, r.host(vip), pm, ChainMarkMasq))
+		} else if locals := r.Cfg.LocalPrefixes(r.Family, node); len(locals) > 0 && r.Cfg.LocalMode != proxy.LocalModeNone {
+			// Off-node sources reaching a ClusterIP (e.g. through a route to
+			// the service CIDR) must be masqueraded so replies come back here.
+			for _, p := range locals {
+				pre = append(pre, fmt.Sprintf("-A %s %s ! -s %s -d %s %s -j %s", chain, comment, p, r.host(vip), pm, ChainMarkMasq))
+			}
+		}
+		return pre
+	}
+	if usesSVC {
+		balance(n.svc, cluster, masqPre(n.svc))
+	}
+	if usesSVL {
+		balance(n.svl, local, masqPre(n.svl))
+	}
+
 	clusterMatch := fmt.Sprintf("%s -d %s %s", comment, r.host(vip), pm)
 	if len(internal) > 0 {
 		out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, clusterMatch, internalChain))

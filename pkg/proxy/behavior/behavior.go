@@ -223,6 +223,7 @@ func Cases() []Case {
 		{Name: "etp local without local endpoint drops external", Packet: tcp(Outside, "192.168.0.2", 30051), Want: Verdict{Outcome: Drop}},
 		{Name: "etp local without local endpoint clusterip works", Packet: tcp(ClientPod, "172.30.0.51", 80), Want: fwd(false, "10.180.1.6:8080")},
 		{Name: "itp local uses local endpoints", Packet: tcp(ClientPod, "172.30.0.60", 80), Want: fwd(false, "10.180.0.5:8080")},
+		{Name: "itp local from node process is masqueraded", Packet: fromNode(tcp(NodeIP, "172.30.0.60", 80)), Want: fwd(true, "10.180.0.5:8080")},
 		{Name: "itp local without local endpoint drops", Packet: tcp(ClientPod, "172.30.0.61", 80), Want: Verdict{Outcome: Drop}},
 		{Name: "lb source range allowed", Packet: tcp(Outside, "198.51.100.4", 80), Want: fwd(true, "10.180.1.5:8080")},
 		{Name: "lb source range denied", Packet: tcp(Disallowed, "198.51.100.4", 80), Want: Verdict{Outcome: Drop}},

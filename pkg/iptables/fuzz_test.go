@@ -1,0 +1,27 @@
+package iptables
+
+import (
+	"testing"
+
+	"github.com/miniproxy/miniproxy/pkg/model"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+	"github.com/miniproxy/miniproxy/pkg/proxy/behavior"
+	"github.com/miniproxy/miniproxy/pkg/proxy/behavior/fuzzcase"
+)
+
+// FuzzIPTablesRender: a random snapshot (pkg/proxy/behavior/fuzzcase)
+// rendered to iptables-restore input, then every probe traced through the
+// rules (trace_test.go): the possible endpoints, the refusals and the
+// masquerading must be the model's. Without -fuzz it runs over the seeds in
+// testdata/fuzz/FuzzIPTablesRender.
+func FuzzIPTablesRender(f *testing.F) {
+	f.Fuzz(func(t *testing.T, data []byte) {
+		fuzzcase.Run(t, data, func(cfg proxy.Config, snap *model.Snapshot, pkt behavior.Packet) (behavior.Verdict, error) {
+			tr, err := newTracer(cfg, snap, model.FamilyOf(pkt.Dst))
+			if err != nil {
+				return behavior.Verdict{}, err
+			}
+			return tr.trace(pkt)
+		})
+	})
+}
