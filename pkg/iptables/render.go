@@ -341,7 +341,11 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	external := r.inFamily(elig.External)
 	cluster := r.inFamily(elig.Cluster)
 	local := r.inFamily(elig.Local)
-	any := len(r.inFamily(sp.Endpoints)) > 0
+	// "No endpoints" (reject rather than drop) means no usable endpoint
+	// anywhere: an endpoint neither ready nor serving does not count, as in
+	// kube-proxy and nftables mode, so clients of a Service whose pods all
+	// fail readiness are refused at once instead of timing out.
+	any := len(cluster) > 0
 	proto := sp.Protocol.Lower()
 	// TCP gets a reset rather than kube-proxy's ICMP port-unreachable: the
 	// kernel rate-limits ICMP errors per destination (icmp_ratelimit, ~1/s

@@ -157,6 +157,10 @@ func Declared() []*model.ServicePort {
 
 	term := mt.SP("ns", "term", "", "172.30.0.80", 80, mt.Terminating("10.180.0.7", 8080, "node-a"), mt.Terminating("10.180.1.7", 8080, "node-b"))
 	mixed := mt.SP("ns", "mixed", "", "172.30.0.81", 80, mt.Terminating("10.180.0.7", 8080, "node-a"), mt.Ep("10.180.1.7", 8080, "node-b"))
+	// Endpoints that exist but neither are ready nor serve: no usable
+	// endpoint, so reject (not drop) like a Service without endpoints.
+	unready := mt.SP("ns", "unready", "", "172.30.0.82", 80, mt.Ep("10.180.0.8", 8080, "node-a"))
+	unready.Endpoints[0].Ready, unready.Endpoints[0].Serving = false, false
 
 	udp := mt.SP("ns", "dns", "", "172.30.0.10", 53, mt.Ep("10.180.0.9", 5353, "node-a"))
 	udp.Name.Protocol, udp.Protocol = model.UDP, model.UDP
@@ -176,7 +180,7 @@ func Declared() []*model.ServicePort {
 	sharedA.LoadBalancerIPs, sharedA.LoadBalancerSourceRanges = mt.Addrs("198.51.100.70"), mt.Prefixes("203.0.113.0/25")
 	sharedA.ExternalIPs = mt.Addrs("203.0.113.70", "203.0.113.71", "172.30.0.3")
 
-	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, closed, term, mixed, udp, one, close, sharedZ, sharedA}
+	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, closed, term, mixed, unready, udp, one, close, sharedZ, sharedA}
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -233,6 +237,7 @@ func Cases() []Case {
 		{Name: "lb source ranges none readable: nodeport works", Packet: tcp(Disallowed, "192.168.0.2", 30041), Want: fwd(true, "10.180.1.5:8080")},
 		{Name: "lb nodeport ignores source ranges", Packet: tcp(Disallowed, "192.168.0.2", 30040), Want: fwd(true, "10.180.1.5:8080")},
 		{Name: "terminating endpoints as fallback", Packet: tcp(ClientPod, "172.30.0.80", 80), Want: fwd(false, "10.180.0.7:8080", "10.180.1.7:8080")},
+		{Name: "endpoints neither ready nor serving reject", Packet: tcp(ClientPod, "172.30.0.82", 80), Want: Verdict{Outcome: Reject}},
 		{Name: "ready endpoints preferred over terminating", Packet: tcp(ClientPod, "172.30.0.81", 80), Want: fwd(false, "10.180.1.7:8080")},
 		{Name: "prefer close picks same-zone endpoints", Packet: tcp(ClientPod, "172.30.0.90", 80), Want: fwd(false, "10.180.0.5:8080")},
 		{Name: "masquerade-all masquerades pod traffic", Packet: tcp(ClientPod, "172.30.0.3", 80), Want: fwd(true, both...),
