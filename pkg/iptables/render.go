@@ -449,24 +449,28 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	if !sp.HasExternal() {
 		return out
 	}
-	// External traffic: NodePorts, externalIPs, load-balancer IPs.
+	// External traffic: NodePorts, externalIPs, load-balancer IPs. With a
+	// usable endpoint anywhere they go to the EXT chain, even under
+	// externalTrafficPolicy Local without a local endpoint: pods and the
+	// node itself still reach the cluster-wide endpoints there, as in
+	// kube-proxy and nftables mode.
 	extTarget := ""
-	if len(external) > 0 {
+	if any {
 		extTarget = n.ext
 		var rules []string
 		if sp.ExternalPolicyLocal {
 			// Pods and the node itself reaching the external address get
 			// cluster-wide behaviour, as kube-proxy does: only traffic from
 			// outside is restricted to (and keeps its source for) local endpoints.
-			if len(cluster) > 0 {
-				for _, p := range r.Cfg.LocalPrefixes(r.Family, node) {
-					rules = append(rules, fmt.Sprintf(`-A %s -m comment --comment "pod traffic for %s external destinations" -s %s -j %s`, n.ext, strings.Trim(n.comment, `"`), p, n.svc))
-				}
-				rules = append(rules,
-					fmt.Sprintf(`-A %s -m comment --comment "masquerade LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), ChainMarkMasq),
-					fmt.Sprintf(`-A %s -m comment --comment "route LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), n.svc))
+			for _, p := range r.Cfg.LocalPrefixes(r.Family, node) {
+				rules = append(rules, fmt.Sprintf(`-A %s -m comment --comment "pod traffic for %s external destinations" -s %s -j %s`, n.ext, strings.Trim(n.comment, `"`), p, n.svc))
 			}
-			rules = append(rules, fmt.Sprintf("-A %s -j %s", n.ext, n.svl))
+			rules = append(rules,
+				fmt.Sprintf(`-A %s -m comment --comment "masquerade LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), ChainMarkMasq),
+				fmt.Sprintf(`-A %s -m comment --comment "route LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), n.svc))
+			if len(external) > 0 {
+				rules = append(rules, fmt.Sprintf("-A %s -j %s", n.ext, n.svl))
+			}
 		} else {
 			rules = append(rules,
 				fmt.Sprintf(`-A %s -m comment --comment "masquerade traffic for %s external destinations" -j %s`, n.ext, strings.Trim(n.comment, `"`), ChainMarkMasq),
@@ -474,14 +478,20 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 		}
 		out.Chains = append(out.Chains, Chain{NAT, n.ext, rules})
 	}
+	// What the EXT chain did not DNAT is refused in the filter table: no
+	// usable endpoint at all rejects, none for external traffic drops.
+	// DNATed packets no longer have the external destination, so these
+	// rules never see them.
 	dropOrReject := "DROP"
 	if !any {
 		dropOrReject = reject
 	}
+	refuse := len(external) == 0
 	natOrFilter := func(match string, natTarget string) {
 		if extTarget != "" {
 			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, match, natTarget))
-		} else {
+		}
+		if refuse {
 			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j %s", ChainExternalServices, match, dropOrReject))
 		}
 	}
@@ -514,7 +524,7 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	for _, ip := range lbIPs {
 		match := fmt.Sprintf(`-m comment --comment "%s loadbalancer IP" -d %s %s`, strings.Trim(n.comment, `"`), r.host(ip), pm)
 		if useFW && extTarget != "" {
-			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, match, n.fw))
+			natOrFilter(match, n.fw)
 			// Sources not allowed were not DNATed, so their destination is
 			// still the LB IP when the filter table sees them: drop there.
 			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j DROP", ChainFirewall, match))
@@ -526,7 +536,8 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 		npm := fmt.Sprintf("-p %s -m %s --dport %d", proto, proto, sp.NodePort)
 		if extTarget != "" {
 			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s %s -j %s", ChainNodePorts, comment, npm, extTarget))
-		} else {
+		}
+		if refuse {
 			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -m addrtype --dst-type LOCAL %s -j %s", ChainExternalServices, comment, npm, dropOrReject))
 		}
 	}

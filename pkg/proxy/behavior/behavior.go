@@ -225,6 +225,8 @@ func Cases() []Case {
 		{Name: "etp local from pod gets cluster endpoints", Packet: tcp(ClientPod, "198.51.100.5", 80), Want: fwd(false, both...)},
 		{Name: "etp local clusterip unaffected", Packet: tcp(ClientPod, "172.30.0.50", 80), Want: fwd(false, both...)},
 		{Name: "etp local without local endpoint drops external", Packet: tcp(Outside, "192.168.0.2", 30051), Want: Verdict{Outcome: Drop}},
+		{Name: "etp local without local endpoint: pods get cluster endpoints", Packet: tcp(ClientPod, "192.168.0.2", 30051), Want: fwd(false, "10.180.1.6:8080")},
+		{Name: "etp local without local endpoint: node gets cluster endpoints", Packet: fromNode(tcp(NodeIP, "192.168.0.2", 30051)), Want: fwd(true, "10.180.1.6:8080")},
 		{Name: "etp local without local endpoint clusterip works", Packet: tcp(ClientPod, "172.30.0.51", 80), Want: fwd(false, "10.180.1.6:8080")},
 		{Name: "itp local uses local endpoints", Packet: tcp(ClientPod, "172.30.0.60", 80), Want: fwd(false, "10.180.0.5:8080")},
 		{Name: "itp local from node process is masqueraded", Packet: fromNode(tcp(NodeIP, "172.30.0.60", 80)), Want: fwd(true, "10.180.0.5:8080")},
