@@ -50,6 +50,7 @@ crash-full:
 # corpus entry to commit with its fix.
 FUZZTIME ?= 10s
 FUZZ_TARGETS := ./pkg/watch:FuzzServicePorts ./pkg/watch:FuzzTrackerSlices ./cmd/miniproxy:FuzzParseOptions
+FUZZ_TARGETS += ./pkg/nftables/ruleset/trace:FuzzNFTablesRender ./pkg/iptables:FuzzIPTablesRender ./pkg/ipvs:FuzzIPVSPlan
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; name=$${t##*:}; \

@@ -404,28 +404,38 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 		addSEPs(eps)
 	}
 
-	if usesSVC {
-		var pre []string
-		if r.Cfg.MasqueradeAll {
-			pre = append(pre, fmt.Sprintf("-A %s %s -d %s %s -j %s", n.svc, comment, r.host(vip), pm, ChainMarkMasq))
-		} else if locals := r.Cfg.LocalPrefixes(r.Family, node); len(locals) > 0 && r.Cfg.LocalMode != proxy.LocalModeNone {
-			// Off-node sources reaching a ClusterIP (e.g. through a route to
-			// the service CIDR) must be masqueraded so replies come back here.
-			for _, p := range locals {
-				pre = append(pre, fmt.Sprintf("-A %s %s ! -s %s -d %s %s -j %s", n.svc, comment, p, r.host(vip), pm, ChainMarkMasq))
-			}
-		}
-		balance(n.svc, cluster, pre)
-	}
-	if usesSVL {
-		balance(n.svl, local, nil)
-	}
-
-	// ClusterIP dispatch.
+	// ClusterIP dispatch goes to the internal chain: SVL under
+	// internalTrafficPolicy Local, else SVC.
 	internalChain := n.svc
 	if sp.InternalPolicyLocal {
 		internalChain = n.svl
 	}
+	// The ClusterIP masquerade rules head the internal chain, whichever it
+	// is (as in kube-proxy): an ITP=Local ClusterIP reached from the node
+	// or from off the node is masqueraded too.
+	masqPre := func(chain string) []string {
+		if chain != internalChain {
+			return nil
+		}
+		var pre []string
+		if r.Cfg.MasqueradeAll {
+			pre = append(pre, fmt.Sprintf("-A %s %s -d %s %s -j %s", chain, comment, r.host(vip), pm, ChainMarkMasq))
+		} else if locals := r.Cfg.LocalPrefixes(r.Family, node); len(locals) > 0 && r.Cfg.LocalMode != proxy.LocalModeNone {
+			// Off-node sources reaching a ClusterIP (e.g. through a route to
+			// the service CIDR) must be masqueraded so replies come back here.
+			for _, p := range locals {
+				pre = append(pre, fmt.Sprintf("-A %s %s ! -s %s -d %s %s -j %s", chain, comment, p, r.host(vip), pm, ChainMarkMasq))
+			}
+		}
+		return pre
+	}
+	if usesSVC {
+		balance(n.svc, cluster, masqPre(n.svc))
+	}
+	if usesSVL {
+		balance(n.svl, local, masqPre(n.svl))
+	}
+
 	clusterMatch := fmt.Sprintf("%s -d %s %s", comment, r.host(vip), pm)
 	if len(internal) > 0 {
 		out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, clusterMatch, internalChain))
@@ -440,24 +450,28 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	if !sp.HasExternal() {
 		return out
 	}
-	// External traffic: NodePorts, externalIPs, load-balancer IPs.
+	// External traffic: NodePorts, externalIPs, load-balancer IPs. With a
+	// usable endpoint anywhere they go to the EXT chain, even under
+	// externalTrafficPolicy Local without a local endpoint: pods and the
+	// node itself still reach the cluster-wide endpoints there, as in
+	// kube-proxy and nftables mode.
 	extTarget := ""
-	if len(external) > 0 {
+	if hasEndpoints {
 		extTarget = n.ext
 		var rules []string
 		if sp.ExternalPolicyLocal {
 			// Pods and the node itself reaching the external address get
 			// cluster-wide behaviour, as kube-proxy does: only traffic from
 			// outside is restricted to (and keeps its source for) local endpoints.
-			if len(cluster) > 0 {
-				for _, p := range r.Cfg.LocalPrefixes(r.Family, node) {
-					rules = append(rules, fmt.Sprintf(`-A %s -m comment --comment "pod traffic for %s external destinations" -s %s -j %s`, n.ext, strings.Trim(n.comment, `"`), p, n.svc))
-				}
-				rules = append(rules,
-					fmt.Sprintf(`-A %s -m comment --comment "masquerade LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), ChainMarkMasq),
-					fmt.Sprintf(`-A %s -m comment --comment "route LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), n.svc))
+			for _, p := range r.Cfg.LocalPrefixes(r.Family, node) {
+				rules = append(rules, fmt.Sprintf(`-A %s -m comment --comment "pod traffic for %s external destinations" -s %s -j %s`, n.ext, strings.Trim(n.comment, `"`), p, n.svc))
 			}
-			rules = append(rules, fmt.Sprintf("-A %s -j %s", n.ext, n.svl))
+			rules = append(rules,
+				fmt.Sprintf(`-A %s -m comment --comment "masquerade LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), ChainMarkMasq),
+				fmt.Sprintf(`-A %s -m comment --comment "route LOCAL traffic for %s external destinations" -m addrtype --src-type LOCAL -j %s`, n.ext, strings.Trim(n.comment, `"`), n.svc))
+			if len(external) > 0 {
+				rules = append(rules, fmt.Sprintf("-A %s -j %s", n.ext, n.svl))
+			}
 		} else {
 			rules = append(rules,
 				fmt.Sprintf(`-A %s -m comment --comment "masquerade traffic for %s external destinations" -j %s`, n.ext, strings.Trim(n.comment, `"`), ChainMarkMasq),
@@ -465,14 +479,20 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 		}
 		out.Chains = append(out.Chains, Chain{NAT, n.ext, rules})
 	}
+	// What the EXT chain did not DNAT is refused in the filter table: no
+	// usable endpoint at all rejects, none for external traffic drops.
+	// DNATed packets no longer have the external destination, so these
+	// rules never see them.
 	dropOrReject := "DROP"
 	if !hasEndpoints {
 		dropOrReject = reject
 	}
+	refuse := len(external) == 0
 	natOrFilter := func(match string, natTarget string) {
 		if extTarget != "" {
 			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, match, natTarget))
-		} else {
+		}
+		if refuse {
 			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j %s", ChainExternalServices, match, dropOrReject))
 		}
 	}
@@ -505,7 +525,7 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 	for _, ip := range lbIPs {
 		match := fmt.Sprintf(`-m comment --comment "%s loadbalancer IP" -d %s %s`, strings.Trim(n.comment, `"`), r.host(ip), pm)
 		if useFW && extTarget != "" {
-			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s -j %s", ChainServices, match, n.fw))
+			natOrFilter(match, n.fw)
 			// Sources not allowed were not DNATed, so their destination is
 			// still the LB IP when the filter table sees them: drop there.
 			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -j DROP", ChainFirewall, match))
@@ -517,7 +537,8 @@ func (r *Renderer) RenderService(sp *model.ServicePort, node model.Node) Service
 		npm := fmt.Sprintf("-p %s -m %s --dport %d", proto, proto, sp.NodePort)
 		if extTarget != "" {
 			out.Shared[NAT] = append(out.Shared[NAT], fmt.Sprintf("-A %s %s %s -j %s", ChainNodePorts, comment, npm, extTarget))
-		} else {
+		}
+		if refuse {
 			out.Shared[Filter] = append(out.Shared[Filter], fmt.Sprintf("-A %s %s -m addrtype --dst-type LOCAL %s -j %s", ChainExternalServices, comment, npm, dropOrReject))
 		}
 	}

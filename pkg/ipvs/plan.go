@@ -161,6 +161,13 @@ func BuildPlan(snap *model.Snapshot, cfg *proxy.Config, opts PlanOptions, nodeIP
 			if !ip.IsValid() || !cfg.HasFamily(model.FamilyOf(ip)) || port <= 0 || port > 65535 {
 				return
 			}
+			// Nothing of a family without a ClusterIP of it (as in the
+			// model and the other backends): a single-stack IPv6 Service's
+			// NodePort gets no virtual server on the node's IPv4 addresses,
+			// where it could have no real server.
+			if _, ok := sp.ClusterIP(model.FamilyOf(ip)); !ok {
+				return
+			}
 			k := Key{IP: ip, Proto: sp.Protocol, Port: uint16(port)}
 			if seen[k] {
 				// Two Services claiming one address:port is a user error

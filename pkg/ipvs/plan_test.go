@@ -57,7 +57,7 @@ func TestBuildPlan(t *testing.T) {
 			Endpoints: []model.Endpoint{ep("10.244.1.2", 8080, "n1", true), ep("10.244.2.2", 8080, "n2", true), ep("10.244.3.2", 8080, "n2", false)},
 		}
 	}
-	nodeIPs := []netip.Addr{a("127.0.0.1"), a("192.168.50.1"), a("10.0.0.5"), a("fe80::1")}
+	nodeIPs := []netip.Addr{a("127.0.0.1"), a("192.168.50.1"), a("10.0.0.5"), a("fe80::1"), a("fd00:50::1")}
 	cases := []struct {
 		name string
 		cfg  proxy.Config
@@ -172,6 +172,21 @@ func TestBuildPlan(t *testing.T) {
 			want: "ClusterIP 10.96.0.10:80/TCP rr -> 10.244.1.2:8080 10.244.2.2:8080\n" +
 				"ClusterIP [fd00::10]:80/TCP rr -> [fd00:244::2]:8080\n" +
 				"bind [10.96.0.10 fd00::10]\ncluster [10.96.0.10:80/TCP [fd00::10]:80/TCP] masq [] local [] all=false\n",
+		},
+		{
+			// Found by FuzzIPVSPlan: the NodePort used to get a virtual
+			// server on every IPv4 node address too, with no real server.
+			name: "single-stack IPv6 Service on a dual-stack node: NodePort on IPv6 addresses only",
+			cfg:  proxy.Config{Families: []model.Family{model.IPv4, model.IPv6}},
+			sp: func() *model.ServicePort {
+				sp := web()
+				sp.ClusterIPs, sp.NodePort = []netip.Addr{a("fd00::10")}, 30080
+				sp.Endpoints = []model.Endpoint{ep("fd00:244::2", 8080, "n1", true)}
+				return sp
+			},
+			want: "ClusterIP [fd00::10]:80/TCP rr -> [fd00:244::2]:8080\n" +
+				"NodePort [fd00:50::1]:30080/TCP rr -> [fd00:244::2]:8080\n" +
+				"bind [fd00::10]\ncluster [[fd00::10]:80/TCP] masq [[fd00:50::1]:30080/TCP] local [] all=false\n",
 		},
 	}
 	for _, tc := range cases {

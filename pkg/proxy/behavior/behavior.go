@@ -167,6 +167,10 @@ func Declared() []*model.ServicePort {
 		gone.Endpoints[i].Serving = false
 	}
 	gone.NodePort = 30082
+	// Endpoints that exist but neither are ready nor serve: no usable
+	// endpoint, so reject (not drop) like a Service without endpoints.
+	unready := mt.SP("ns", "unready", "", "172.30.0.83", 80, mt.Ep("10.180.0.8", 8080, "node-a"))
+	unready.Endpoints[0].Ready, unready.Endpoints[0].Serving = false, false
 
 	udp := mt.SP("ns", "dns", "", "172.30.0.10", 53, mt.Ep("10.180.0.9", 5353, "node-a"))
 	udp.Name.Protocol, udp.Protocol = model.UDP, model.UDP
@@ -186,7 +190,7 @@ func Declared() []*model.ServicePort {
 	sharedA.LoadBalancerIPs, sharedA.LoadBalancerSourceRanges = mt.Addrs("198.51.100.70"), mt.Prefixes("203.0.113.0/25")
 	sharedA.ExternalIPs = mt.Addrs("203.0.113.70", "203.0.113.71", "172.30.0.3")
 
-	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, closed, term, mixed, gone, udp, one, preferClose, sharedZ, sharedA}
+	return []*model.ServicePort{web, empty, local, remote, itp, itpNone, lb, closed, term, mixed, gone, unready, udp, one, preferClose, sharedZ, sharedA}
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -231,8 +235,11 @@ func Cases() []Case {
 		{Name: "etp local from pod gets cluster endpoints", Packet: tcp(ClientPod, "198.51.100.5", 80), Want: fwd(false, both...)},
 		{Name: "etp local clusterip unaffected", Packet: tcp(ClientPod, "172.30.0.50", 80), Want: fwd(false, both...)},
 		{Name: "etp local without local endpoint drops external", Packet: tcp(Outside, "192.168.0.2", 30051), Want: Verdict{Outcome: Drop}},
+		{Name: "etp local without local endpoint: pods get cluster endpoints", Packet: tcp(ClientPod, "192.168.0.2", 30051), Want: fwd(false, "10.180.1.6:8080")},
+		{Name: "etp local without local endpoint: node gets cluster endpoints", Packet: fromNode(tcp(NodeIP, "192.168.0.2", 30051)), Want: fwd(true, "10.180.1.6:8080")},
 		{Name: "etp local without local endpoint clusterip works", Packet: tcp(ClientPod, "172.30.0.51", 80), Want: fwd(false, "10.180.1.6:8080")},
 		{Name: "itp local uses local endpoints", Packet: tcp(ClientPod, "172.30.0.60", 80), Want: fwd(false, "10.180.0.5:8080")},
+		{Name: "itp local from node process is masqueraded", Packet: fromNode(tcp(NodeIP, "172.30.0.60", 80)), Want: fwd(true, "10.180.0.5:8080")},
 		{Name: "itp local without local endpoint drops", Packet: tcp(ClientPod, "172.30.0.61", 80), Want: Verdict{Outcome: Drop}},
 		{Name: "lb source range allowed", Packet: tcp(Outside, "198.51.100.4", 80), Want: fwd(true, "10.180.1.5:8080")},
 		{Name: "lb source range denied", Packet: tcp(Disallowed, "198.51.100.4", 80), Want: Verdict{Outcome: Drop}},
@@ -244,6 +251,7 @@ func Cases() []Case {
 		{Name: "terminating endpoints as fallback", Packet: tcp(ClientPod, "172.30.0.80", 80), Want: fwd(false, "10.180.0.7:8080", "10.180.1.7:8080")},
 		{Name: "all endpoints terminating, none serving: clusterip rejects", Packet: tcp(ClientPod, "172.30.0.82", 80), Want: Verdict{Outcome: Reject}},
 		{Name: "all endpoints terminating, none serving: nodeport rejects", Packet: tcp(Outside, "192.168.0.2", 30082), Want: Verdict{Outcome: Reject}},
+		{Name: "endpoints neither ready nor serving reject", Packet: tcp(ClientPod, "172.30.0.83", 80), Want: Verdict{Outcome: Reject}},
 		{Name: "ready endpoints preferred over terminating", Packet: tcp(ClientPod, "172.30.0.81", 80), Want: fwd(false, "10.180.1.7:8080")},
 		{Name: "prefer close picks same-zone endpoints", Packet: tcp(ClientPod, "172.30.0.90", 80), Want: fwd(false, "10.180.0.5:8080")},
 		{Name: "masquerade-all masquerades pod traffic", Packet: tcp(ClientPod, "172.30.0.3", 80), Want: fwd(true, both...),
