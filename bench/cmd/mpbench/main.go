@@ -138,7 +138,7 @@ func main() {
 	var so soakOptions
 	flag.DurationVar(&so.dur, "soak", 0, "soak mode: miniproxy alone under continuous churn for this long per mode, sampled for leaks (env SOAK via bench/run.sh); -n gives N (default 1000)")
 	flag.DurationVar(&so.sample, "soak-sample", 10*time.Second, "soak: sampling interval")
-	flag.DurationVar(&so.warmup, "soak-warmup", 0, "soak: leading part left out of the verdict (default 10% of -soak)")
+	flag.DurationVar(&so.warmup, "soak-warmup", 0, "soak: leading part left out of the verdict (default 10% of -soak, at least until the ephemeral Services' window is full)")
 	flag.DurationVar(&so.svcInterval, "soak-svc-interval", time.Second, "soak: one ephemeral Service created (and the oldest deleted) per interval")
 	flag.IntVar(&so.svcWindow, "soak-svc-window", 10, "soak: ephemeral Services alive at once")
 	soakReport := flag.String("soak-report-from", "", "soak result JSON: only rewrite its markdown report and plot")
@@ -165,7 +165,8 @@ func main() {
 			ns = "1000"
 		}
 		if so.warmup == 0 {
-			so.warmup = so.dur / 10
+			// 10 %, but at least until the ephemeral window is full.
+			so.warmup = max(so.dur/10, time.Duration(so.svcWindow)*so.svcInterval+so.sample)
 		}
 		if o.churnRate <= 0 || so.sample <= 0 || so.svcInterval <= 0 || so.svcWindow < 1 {
 			fmt.Fprintf(os.Stderr, "mpbench: -churn-rate, -soak-sample, -soak-svc-interval and -soak-svc-window must be positive\n")

@@ -297,7 +297,9 @@ func soakSlices(ctx context.Context, cs kubernetes.Interface, n int, rate float6
 	for i := range slots {
 		slots[i] = &churnSlot{idx: i, swap: true}
 	}
-	workers := max(4, min(16, int(math.Ceil(rate/10))))
+	// More writers than the bench's churn: a busy machine slows the
+	// apiserver, and the soak should keep its rate for 15 minutes.
+	workers := max(8, min(32, int(math.Ceil(rate/3))))
 	jobs := make(chan *churnSlot, workers)
 	var wg sync.WaitGroup
 	for w := 0; w < workers; w++ {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 
 	"gonum.org/v1/plot"
@@ -300,7 +301,8 @@ func writeSoakReport(dir, stamp string, res *SoakResult) error {
 	if err := writeSoakPlot(filepath.Join(dir, stamp+".png"), res); err != nil {
 		w("Plot failed: %v\n", err)
 	} else {
-		w("## Plot\n\n![soak](%s.png)\n\nRSS (solid) and Go heap in use (dashed); goroutines; open fds; kernel rules (solid) and chains (dashed).\n", stamp)
+		w("## Plot\n\n![soak](%s.png)\n\nRSS (solid) and Go heap in use (dashed); goroutines; open fds; kernel rules (solid), chains (dashed) and\n", stamp)
+		w("nftables set/map elements (dotted).\n")
 		w("x: minutes since the churn started; the grey line marks the end of the warm-up.\n")
 	}
 	return os.WriteFile(filepath.Join(dir, stamp+".md"), []byte(b.String()), 0o644)
@@ -354,7 +356,7 @@ func writeSoakPlot(path string, res *SoakResult) error {
 		{"memory", "MB", []line{{"RSS", func(s SoakSample) float64 { return s.RSSMB }, false}, {"heap in use", func(s SoakSample) float64 { return s.HeapMB }, true}}},
 		{"goroutines", "", []line{{"goroutines", func(s SoakSample) float64 { return s.Goroutines }, false}}},
 		{"open fds", "", []line{{"fds", func(s SoakSample) float64 { return s.FDs }, false}}},
-		{"kernel objects", "", []line{{"rules", func(s SoakSample) float64 { return s.Rules }, false}, {"chains", func(s SoakSample) float64 { return s.Chains }, true}}},
+		{"kernel objects", "", []line{{"rules", func(s SoakSample) float64 { return s.Rules }, false}, {"chains", func(s SoakSample) float64 { return s.Chains }, true}, {"set/map elements", func(s SoakSample) float64 { return s.Elements }, true}}},
 	}
 	plots := make([][]*plot.Plot, len(panels))
 	for i, pn := range panels {
@@ -368,13 +370,15 @@ func writeSoakPlot(path string, res *SoakResult) error {
 		for _, r := range res.Runs {
 			for _, ln := range pn.lines {
 				var pts plotter.XYs
+				nonzero := false
 				for _, s := range r.Samples {
 					if v := ln.get(s); v >= 0 {
+						nonzero = nonzero || v > 0
 						pts = append(pts, plotter.XY{X: s.T / 60, Y: v})
 						ymax = math.Max(ymax, v)
 					}
 				}
-				if len(pts) == 0 {
+				if !nonzero { // e.g. set elements in iptables mode
 					continue
 				}
 				l, err := plotter.NewLine(pts)
@@ -385,11 +389,16 @@ func writeSoakPlot(path string, res *SoakResult) error {
 				if ln.dashed {
 					l.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
 				}
+				if ln.label == "set/map elements" {
+					l.Dashes = []vg.Length{vg.Points(1), vg.Points(2)}
+				}
 				p.Add(l)
 				p.Legend.Add(r.Mode+" "+ln.label, l)
 			}
 		}
-		p.Y.Max = ymax * 1.25
+		// Head room for the legend, top left.
+		p.Y.Max = ymax * 1.8
+		p.Y.Tick.Marker = plainTicks{}
 		if ymax > 0 {
 			wl, err := plotter.NewLine(plotter.XYs{{X: res.WarmupS / 60, Y: 0}, {X: res.WarmupS / 60, Y: p.Y.Max}})
 			if err == nil {
@@ -416,6 +425,19 @@ func writeSoakPlot(path string, res *SoakResult) error {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return f.Close()
+}
+
+// plainTicks are gonum's default ticks labelled without trailing zeros.
+type plainTicks struct{}
+
+func (plainTicks) Ticks(lo, hi float64) []plot.Tick {
+	ts := plot.DefaultTicks{}.Ticks(lo, hi)
+	for i := range ts {
+		if ts[i].Label != "" {
+			ts[i].Label = strconv.FormatFloat(ts[i].Value, 'g', -1, 64)
+		}
+	}
+	return ts
 }
 
 // soakReportFrom rewrites the markdown report and plot of a soak result
