@@ -61,6 +61,7 @@ type seriesStat struct {
 	FirstQ    float64 // median of the first quarter of the judged window
 	LastQ     float64 // median of the last quarter
 	SlopePerH float64 // least-squares slope, per hour
+	Min, Max  float64 // over the judged window
 	Tol       float64
 	Growing   bool
 	Judged    bool // false: too few samples
@@ -96,6 +97,7 @@ func analyzeSeries(t, v []float64, warm, abs, rel float64) seriesStat {
 		}
 	}
 	st.FirstQ, st.LastQ = median(first), median(last)
+	st.Min, st.Max = minMax(vs)
 	slope := lsqSlope(ts, vs)
 	st.SlopePerH = slope * 3600
 	st.Tol = math.Max(abs, rel*st.FirstQ)
@@ -235,8 +237,8 @@ func writeSoakReport(dir, stamp string, res *SoakResult) error {
 			r.FirstSyncS, r.DurationS, len(r.Samples), last.Writes, r.RateAchieved, last.WriteErrs, last.SvcCreated)
 		w("created and %d deleted, %.0f syncs. Load at start %s, at end %s, 1-min load over the samples %.1f–%.1f.\n\n",
 			last.SvcDeleted, last.Syncs-firstSyncs(r), r.LoadStart, r.LoadEnd, lmin, lmax)
-		w("| series (after the %s warm-up) | first-quarter median | last-quarter median | change | slope per hour | tolerance | verdict |\n", fmtDur(res.WarmupS))
-		w("|---|---|---|---|---|---|---|\n")
+		w("| series (after the %s warm-up) | first-quarter median | last-quarter median | change | slope per hour | min–max | tolerance | verdict |\n", fmtDur(res.WarmupS))
+		w("|---|---|---|---|---|---|---|---|\n")
 		for j, ss := range soakSeriesList {
 			st := stats[j]
 			if ss.Name == "kernel set/map elements" && r.Mode != "nftables" {
@@ -266,7 +268,11 @@ func writeSoakReport(dir, stamp string, res *SoakResult) error {
 					slope += " " + ss.Unit
 				}
 			}
-			w("| %s | %s | %s | %s | %s | %s | %s |\n", ss.Name, fmtNum(st.FirstQ, ss.Unit), fmtNum(st.LastQ, ss.Unit), change, slope, tol, v)
+			rng := "—"
+			if st.Judged {
+				rng = fmtNum(st.Min, ss.Unit) + " – " + fmtNum(st.Max, ss.Unit)
+			}
+			w("| %s | %s | %s | %s | %s | %s | %s | %s |\n", ss.Name, fmtNum(st.FirstQ, ss.Unit), fmtNum(st.LastQ, ss.Unit), change, slope, rng, tol, v)
 		}
 		w("\n%s verdict: **%s**.", r.Mode, verdict)
 		// What the memory tolerance means per change: the smallest leak
