@@ -5,7 +5,7 @@ export MINIPROXY_CACHE ?= /var/cache/miniproxy
 BIN := $(CURDIR)/bin
 STATICCHECK_VERSION := v0.7.0
 
-.PHONY: build test unit e2e guest lab bench bench-quick lint provision clean fuzz crash-full image
+.PHONY: build test unit e2e guest lab bench bench-quick soak lint provision clean fuzz crash-full image
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
@@ -75,6 +75,10 @@ bench:
 
 bench-quick:
 	QUICK=1 bash bench/run.sh
+
+# soak: miniproxy under 15 minutes of churn per mode, sampled for leaks (SOAK=30m, SOAK_N=10000 override).
+soak:
+	SOAK=$${SOAK:-15m} bash bench/run.sh
 
 provision:
 	bash hack/provision.sh

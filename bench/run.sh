@@ -9,6 +9,7 @@
 #   BENCH_TIMEOUT=10m                  # bound on one proxy's cold start
 #   BENCH_SKIP_MICRO=1                 # skip micro-benchmarks and profiles
 #   BENCH_REPORT_ONLY=a.json,b.json    # only rebuild latest.md from result files
+#   SOAK=15m [SOAK_N=1000]             # soak mode only (make soak): bench/results/soak-<date>.{md,json,png}
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -58,6 +59,12 @@ export MINIPROXY_K8S_BIN=${K8S_DIR:-${MINIPROXY_CACHE:-/var/cache/miniproxy}/k8s
 [[ -x $MINIPROXY_K8S_BIN/kube-proxy ]] || { echo "bench: $MINIPROXY_K8S_BIN/kube-proxy missing" >&2; exit 1; }
 
 ARGS=(-out "$OUT" -timeout "${BENCH_TIMEOUT:-10m}")
+if [[ -n ${SOAK:-} ]]; then
+	# Soak: miniproxy alone, each mode for $SOAK under churn (bench/README.md).
+	ARGS+=(-soak "$SOAK" -n "${SOAK_N:-1000}" -modes "${BENCH_MODES:-iptables,nftables}")
+	step "mpbench ${ARGS[*]}"
+	exec "${TMPDIR:-/tmp}/mpbench" "${ARGS[@]}"
+fi
 if [[ ${QUICK:-} == 1 ]]; then
 	ARGS+=(-quick -timeout "${BENCH_TIMEOUT:-5m}")
 else

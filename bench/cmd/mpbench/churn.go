@@ -151,10 +151,15 @@ type churnSlot struct {
 	removed bool   // one endpoint is currently left out
 	flips   int
 	touched bool // a churn write was attempted (it may have landed even if it failed)
+	// swap: instead of leaving one endpoint out, replace its address by
+	// one in altBase (the soak), so every update deletes and creates
+	// kernel objects while their number stays the same.
+	swap bool
 }
 
 // write updates the slot's slice with the endpoint set toggled (all 5 ↔ 4
-// of them, a different one left out each time), or to the plain bulk object
+// of them, a different one left out each time; with swap, one of the 5
+// moved to its altAddr and back), or to the plain bulk object
 // when restore is set. trigger, when set, becomes the trigger-time
 // annotation at full (nanosecond) resolution.
 func (s *churnSlot) write(ctx context.Context, cs kubernetes.Interface, restore bool) error {
@@ -170,7 +175,11 @@ func (s *churnSlot) write(ctx context.Context, cs kubernetes.Interface, restore 
 	}
 	if removed {
 		drop := (s.flips / 2) % len(addrs)
-		addrs = append(append([]string(nil), addrs[:drop]...), addrs[drop+1:]...)
+		if s.swap {
+			addrs[drop] = altAddr(addrs[drop])
+		} else {
+			addrs = append(append([]string(nil), addrs[:drop]...), addrs[drop+1:]...)
+		}
 	}
 	sl := slice(name, addrs, "elsewhere", time.Time{})
 	for attempt := 0; ; attempt++ {

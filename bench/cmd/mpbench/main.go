@@ -136,6 +136,13 @@ func main() {
 	flag.BoolVar(&o.keep, "keep", os.Getenv("BENCH_KEEP") == "1", "keep the work dir (proxy logs, apiserver data) and print its path (env BENCH_KEEP=1)")
 	flag.BoolVar(&o.heapProf, "heap-profile", os.Getenv("BENCH_HEAP_PROFILE") == "1", "run miniproxy with --profiling and save its heap profile after the one-change phase as <out>/heap-<mode>-<N>.pb.gz (env BENCH_HEAP_PROFILE=1)")
 	flag.BoolVar(&o.cpuProf, "cpu-profile", os.Getenv("BENCH_CPU_PROFILE") == "1", "run miniproxy with --profiling and save CPU profiles of its first 6 s (cold start) and of the one-change phase as <out>/cpu-{cold,changes}-<mode>-<N>.pb.gz (env BENCH_CPU_PROFILE=1)")
+	var so soakOptions
+	flag.DurationVar(&so.dur, "soak", 0, "soak mode: miniproxy alone under continuous churn for this long per mode, sampled for leaks (env SOAK via bench/run.sh); -n gives N (default 1000)")
+	flag.DurationVar(&so.sample, "soak-sample", 10*time.Second, "soak: sampling interval")
+	flag.DurationVar(&so.warmup, "soak-warmup", 0, "soak: leading part left out of the verdict (default 10% of -soak, at least until the ephemeral Services' window is full)")
+	flag.DurationVar(&so.svcInterval, "soak-svc-interval", time.Second, "soak: one ephemeral Service created (and the oldest deleted) per interval")
+	flag.IntVar(&so.svcWindow, "soak-svc-window", 10, "soak: ephemeral Services alive at once")
+	soakReport := flag.String("soak-report-from", "", "soak result JSON: only rewrite its markdown report and plot")
 	merge := flag.String("report-from", "", "comma-separated result JSON files: merge their runs and only write the report")
 	flag.Parse()
 	if *merge != "" {
@@ -144,6 +151,28 @@ func main() {
 			os.Exit(1)
 		}
 		return
+	}
+	if *soakReport != "" {
+		if err := soakReportFrom(o.out, *soakReport); err != nil {
+			fmt.Fprintf(os.Stderr, "mpbench: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if so.dur > 0 {
+		explicit := os.Getenv("BENCH_N") != ""
+		flag.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "n" })
+		if !explicit {
+			ns = "1000"
+		}
+		if so.warmup == 0 {
+			// 10 %, but at least until the ephemeral window is full.
+			so.warmup = max(so.dur/10, time.Duration(so.svcWindow)*so.svcInterval+so.sample)
+		}
+		if o.churnRate <= 0 || so.sample <= 0 || so.svcInterval <= 0 || so.svcWindow < 1 {
+			fmt.Fprintf(os.Stderr, "mpbench: -churn-rate, -soak-sample, -soak-svc-interval and -soak-svc-window must be positive\n")
+			os.Exit(2)
+		}
 	}
 	if o.quick {
 		ns = "1000"
@@ -167,6 +196,13 @@ func main() {
 	}
 	o.impls = strings.Split(impls, ",")
 	o.modes = strings.Split(modes, ",")
+	if so.dur > 0 {
+		if err := runSoak(o, so); err != nil {
+			fmt.Fprintf(os.Stderr, "mpbench: soak FAILED: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(o); err != nil {
 		fmt.Fprintf(os.Stderr, "mpbench: FAILED: %v\n", err)
 		os.Exit(1)

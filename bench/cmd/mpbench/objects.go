@@ -43,6 +43,14 @@ func bulkAddrs(i int) []string {
 	return out
 }
 
+// altAddr is the address a soak swap moves a bulk endpoint to: the same
+// offset in 10.204.0.0/14, next to bulkBase's /14.
+func altAddr(a string) string {
+	b := netip.MustParseAddr(a).As4()
+	b[1] += 4
+	return netip.AddrFrom4(b).String()
+}
+
 // service is a selector-less ClusterIP Service: there is no endpointslice
 // controller in the bench control plane, the bench writes slices itself.
 func service(name string) *corev1.Service {

@@ -178,7 +178,7 @@ func (p *proc) metrics(ctx context.Context) (map[string]float64, error) {
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.HasPrefix(line, "kubeproxy_") && !strings.HasPrefix(line, "process_") {
+		if !strings.HasPrefix(line, "kubeproxy_") && !strings.HasPrefix(line, "process_") && !strings.HasPrefix(line, "go_") {
 			continue
 		}
 		// kube-proxy runs both families by default and labels its series
