@@ -41,8 +41,8 @@ func kubeletSkip() string {
 	if os.Getenv("MINIPROXY_E2E_KUBELET") != "1" {
 		return "kubelet test bed off: set MINIPROXY_E2E_KUBELET=1 (needs MINIPROXY_NODE_TOOLS=1 hack/provision.sh)"
 	}
-	if _, err := framework.NodeBinDir(); err != nil {
-		return err.Error()
+	if miss := framework.KubeletTestBedMissing(); miss != "" {
+		return "kubelet test bed not provisioned: " + miss
 	}
 	return ""
 }
@@ -209,6 +209,15 @@ func runKubeletDaemonSet(t *testing.T, mode string, rows map[string]*framework.R
 		checkInClusterPod(t, p)
 	}
 	t.Logf("miniproxy Ready on both nodes %v after apply", dsReadyAt.Sub(applyAt).Round(time.Millisecond))
+	// The probes' own URLs, from the node (hostNetwork: the pod's
+	// namespace), answer 200.
+	for _, kn := range kc.Nodes {
+		for _, path := range []string{"/livez", "/healthz"} {
+			if code, err := framework.HTTPStatusFrom(ctx, kn.NS, "http://127.0.0.1:10256"+path); err != nil || code != 200 {
+				t.Errorf("%s %s: %d %v", kn.Name, path, code, err)
+			}
+		}
+	}
 
 	// The workload and every path to it.
 	rows[rowKubeletServices].Note("services")
@@ -353,6 +362,12 @@ func runKubeletDaemonSet(t *testing.T, mode string, rows map[string]*framework.R
 		t.Errorf("rollout: only %d probe connections; the prober did not run", nTotal)
 	}
 	t.Logf("rollout in %v: %d/%d new connections failed, %d/%d long-lived asks failed", rolledAt.Sub(rollAt).Round(time.Millisecond), nFail, nTotal, lFail, lTotal)
+	// kubelet logs every failed probe (-v=2): liveness never failed.
+	for _, kn := range kc.Nodes {
+		if n := kn.KubeletLogCount(`probeType="Liveness"`, `pod="kube-system/miniproxy-`); n > 0 {
+			t.Errorf("%s: kubelet logged %d failed liveness probes of miniproxy", kn.Name, n)
+		}
+	}
 	writeKubeletFigures(t, mode, fig)
 }
 

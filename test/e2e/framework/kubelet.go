@@ -37,6 +37,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -795,4 +796,55 @@ func ConnectFrom(ctx context.Context, ns *NetNS, addr string, timeout time.Durat
 		return err
 	}
 	return c.Close()
+}
+
+// KubeletLogCount counts the failed-probe lines of the node's kubelet log
+// (kubelet logs each failed probe at -v=2) that hold every one of subs.
+func (kn *KubeletNode) KubeletLogCount(subs ...string) int {
+	if kn.kubelet == nil {
+		return 0
+	}
+	b, err := os.ReadFile(kn.kubelet.LogPath)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		if !strings.Contains(l, "Probe failed") {
+			continue
+		}
+		all := true
+		for _, s := range subs {
+			all = all && strings.Contains(l, s)
+		}
+		if all {
+			n++
+		}
+	}
+	return n
+}
+
+// HTTPStatusFrom GETs url from inside ns and returns the status code.
+func HTTPStatusFrom(ctx context.Context, ns *NetNS, url string) (int, error) {
+	hc := &http.Client{Transport: &http.Transport{DialContext: ns.DialContext, DisableKeepAlives: true}, Timeout: 2 * time.Second}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	resp.Body.Close()
+	return resp.StatusCode, nil
+}
+
+// KubeletTestBedMissing names what is not provisioned for the kubelet test
+// bed (looking where NewEnv and NodeBinDir look), or returns "".
+func KubeletTestBedMissing() string {
+	k8sBin, err := k8sBinDir()
+	if err != nil {
+		return err.Error()
+	}
+	return KubeletToolsMissing(k8sBin)
 }
