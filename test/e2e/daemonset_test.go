@@ -290,6 +290,7 @@ func runKubeletDaemonSet(t *testing.T, mode string, rows map[string]*framework.R
 		t.Logf("%s %s: %v", p.name, p.addr, c)
 	}
 	checkSlices(ctx, t, kc, ns, "web", webPods)
+	checkTerminating(ctx, t, kc, ns, "web", webPods[1])
 	for _, kn := range kc.Nodes {
 		rules, err := kn.Rules(ctx, mode)
 		if err != nil {
@@ -547,6 +548,38 @@ func checkSlices(ctx context.Context, t *testing.T, kc *framework.KubeletCluster
 	if err != nil {
 		t.Errorf("EndpointSlices of %s/%s: %v", ns, svc, err)
 	}
+}
+
+// checkTerminating deletes a pod and watches the controller publish it as
+// terminating (not ready) before it goes away.
+func checkTerminating(ctx context.Context, t *testing.T, kc *framework.KubeletCluster, ns, svc string, pod *corev1.Pod) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	w, err := kc.Admin.DiscoveryV1().EndpointSlices(ns).Watch(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=" + svc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	if err := kc.Admin.CoreV1().Pods(ns).Delete(ctx, pod.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for ev := range w.ResultChan() {
+		s, ok := ev.Object.(*discoveryv1.EndpointSlice)
+		if !ok {
+			continue
+		}
+		for _, ep := range s.Endpoints {
+			c := ep.Conditions
+			if len(ep.Addresses) > 0 && ep.Addresses[0] == pod.Status.PodIP && c.Terminating != nil && *c.Terminating {
+				if c.Ready != nil && *c.Ready {
+					t.Errorf("terminating endpoint %s still ready", pod.Status.PodIP)
+				}
+				return
+			}
+		}
+	}
+	t.Errorf("deleting %s: its endpoint %s was never published as terminating", pod.Name, pod.Status.PodIP)
 }
 
 func dumpPods(ctx context.Context, t *testing.T, kc *framework.KubeletCluster, ns string) {
