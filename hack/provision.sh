@@ -4,7 +4,11 @@
 #     busybox-static xz-utils for the IPVS guest
 #   - etcd v3.6.16, built from the Go module proxy through hack/etcd
 #   - kube-apiserver, kube-proxy and kubectl v1.37.2, built from the Go module
-#     proxy through the wrapper module in hack/k8s.
+#     proxy through the wrapper module in hack/k8s (kubelet,
+#     kube-controller-manager and kube-scheduler too when MINIPROXY_K8S_TOOLS
+#     names them).
+#   - with MINIPROXY_NODE_TOOLS=1: containerd, runc and the CNI plugins
+#     (hack/provision-node.sh), for the kubelet test bed.
 #
 # Idempotent and cached under ${MINIPROXY_CACHE:-/var/cache/miniproxy}: binaries
 # live in $CACHE/k8s/<version>-<key>/bin where <key> hashes the wrapper module
@@ -81,12 +85,14 @@ flock 9
 # MINIPROXY_K8S_TOOLS narrows what is built: the e2e suite and the lab only
 # need kube-apiserver; kube-proxy and kubectl are comparators/debug tools for
 # later work and cost extra minutes on a cold cache (.ci/run builds only the
-# apiserver).
+# apiserver). kubelet, kube-controller-manager and kube-scheduler are built
+# only when named here: the kubelet test bed (test/e2e/framework/kubelet.go)
+# needs them, plus MINIPROXY_NODE_TOOLS (hack/provision-node.sh).
 TOOLS=${MINIPROXY_K8S_TOOLS:-kube-apiserver kube-proxy kubectl}
 want=()
 for b in $TOOLS; do
 	case $b in
-	kube-apiserver | kube-proxy | kubectl) ;;
+	kube-apiserver | kube-proxy | kubectl | kubelet | kube-controller-manager | kube-scheduler) ;;
 	*) die "MINIPROXY_K8S_TOOLS: unknown tool $b" ;;
 	esac
 	if [[ -x $BINDIR/$b ]]; then
@@ -151,5 +157,13 @@ if [[ -x $BINDIR/kubectl ]]; then
 	echo "${kubectl_version%%$'\n'*}" >&2
 fi
 ln -sfn "$BINDIR" "$CACHE/k8s/current"
+
+# --- 4. node runtime, only when asked ----------------------------------------
+# containerd, runc and the CNI plugins for the kubelet test bed
+# (MINIPROXY_NODE_TOOLS=1, with kubelet, kube-controller-manager and
+# kube-scheduler in MINIPROXY_K8S_TOOLS).
+if [[ -n ${MINIPROXY_NODE_TOOLS:-} ]]; then
+	GO=$GO MINIPROXY_CACHE=$CACHE bash "$ROOT/hack/provision-node.sh"
+fi
 step "done: binaries in $BINDIR (also $CACHE/k8s/current)"
 echo "MINIPROXY_K8S_BIN=$BINDIR"

@@ -5,6 +5,7 @@
 //	podserver serve --name web-0 --tcp 8080 --udp 8080 --http 8081
 //	podserver client --proto tcp --addr 10.96.0.10:80 --count 100
 //	podserver grpc-client --target dns://10.250.0.2/grpc.lab.svc.cluster.local:9090 --lb round_robin
+//	podserver pause
 //
 // TCP: the server answers each line it reads with "<name>\n" and keeps the
 // connection open until the client closes it, so one connection can be probed
@@ -54,6 +55,10 @@ func main() {
 		err = client(ctx, os.Args[2:])
 	case "grpc-client":
 		err = grpcClient(ctx, os.Args[2:])
+	case "pause":
+		// A pod sandbox's process in the kubelet test bed's pause image:
+		// it holds the pod's namespaces and does nothing until stopped.
+		<-ctx.Done()
 	default:
 		usage()
 	}
@@ -64,7 +69,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: podserver serve --name N [--tcp PORT] [--udp PORT] [--http PORT] [--grpc PORT] [--grpc-max-connection-age D] [--addr IP]\n       podserver client --proto tcp|udp --addr HOST:PORT [--count N] [--timeout D]\n       podserver grpc-client --target T [--lb pick_first|round_robin] [--channels N] [--rpcs N] [--interval D] [--duration D]")
+	fmt.Fprintln(os.Stderr, "usage: podserver serve --name N [--tcp PORT] [--udp PORT] [--http PORT] [--grpc PORT] [--grpc-max-connection-age D] [--addr IP]\n       podserver client --proto tcp|udp --addr HOST:PORT [--count N] [--timeout D]\n       podserver grpc-client --target T [--lb pick_first|round_robin] [--channels N] [--rpcs N] [--interval D] [--duration D]\n       podserver pause")
 	os.Exit(2)
 }
 
