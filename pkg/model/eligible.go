@@ -51,8 +51,8 @@ func (sp *ServicePort) Eligible(node Node) Eligibility {
 	return e
 }
 
-// pick returns the ready endpoints accepted by keep, or, if there are none, the
-// serving-and-terminating ones.
+// pick returns the ready endpoints accepted by keep and, for an IP family
+// with none ready, that family's serving-and-terminating ones.
 func pick(eps []Endpoint, keep func(Endpoint) bool) []Endpoint {
 	// Commonly every endpoint is kept and ready: share eps instead of
 	// copying it (once per service port per render). The capacity is cut to
@@ -68,22 +68,37 @@ func pick(eps []Endpoint, keep func(Endpoint) bool) []Endpoint {
 	if all {
 		return eps[:len(eps):len(eps)]
 	}
-	var ready, terminating []Endpoint
+	// The terminating fallback is decided per IP family, as kube-proxy's
+	// per-family proxiers do: a ready IPv6 endpoint must not hide the
+	// serving-but-terminating IPv4 ones from the IPv4 rules (found by
+	// FuzzIPTablesRender: the NodePort was neither served nor rejected).
+	var ready4, ready6 bool
+	for _, ep := range eps {
+		if ep.Ready && keep(ep) {
+			if FamilyOf(ep.IP) == IPv4 {
+				ready4 = true
+			} else {
+				ready6 = true
+			}
+		}
+	}
+	var out []Endpoint
 	for _, ep := range eps {
 		if !keep(ep) {
 			continue
 		}
+		hasReady := ready6
+		if FamilyOf(ep.IP) == IPv4 {
+			hasReady = ready4
+		}
 		switch {
 		case ep.Ready:
-			ready = append(ready, ep)
-		case ep.Serving && ep.Terminating:
-			terminating = append(terminating, ep)
+			out = append(out, ep)
+		case !hasReady && ep.Serving && ep.Terminating:
+			out = append(out, ep)
 		}
 	}
-	if len(ready) > 0 {
-		return ready
-	}
-	return terminating
+	return out
 }
 
 func filterTopology(sp *ServicePort, node Node, eps []Endpoint) []Endpoint {

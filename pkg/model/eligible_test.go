@@ -70,3 +70,17 @@ func ips(eps []Endpoint) []string {
 	}
 	return out
 }
+
+// A ready endpoint of one family does not hide the other family's
+// serving-but-terminating endpoints: each family's rules fall back on their
+// own (kube-proxy's proxiers are per family).
+func TestTerminatingFallbackPerFamily(t *testing.T) {
+	v4 := Endpoint{IP: netip.MustParseAddr("10.180.0.1"), Port: 8081, Serving: true, Terminating: true, NodeName: "node-a"}
+	v6 := Endpoint{IP: netip.MustParseAddr("fd00:180::1:1"), Port: 8080, Ready: true, Serving: true, NodeName: "node-b"}
+	v4old := Endpoint{IP: netip.MustParseAddr("10.180.0.2"), Port: 8081, NodeName: "node-a"} // neither ready nor serving
+	sp := &ServicePort{Endpoints: []Endpoint{v4, v4old, v6}}
+	got := sp.Eligible(Node{Name: "node-a"}).Cluster
+	if len(got) != 2 || got[0].IP != v4.IP || got[1].IP != v6.IP {
+		t.Fatalf("cluster = %v, want [%v %v]", got, v4, v6)
+	}
+}
