@@ -34,7 +34,7 @@ type Eligibility struct {
 func (sp *ServicePort) Eligible(node Node) Eligibility {
 	var e Eligibility
 	e.Cluster = pick(sp.Endpoints, func(ep Endpoint) bool { return true })
-	e.Cluster = filterTopology(sp, node, e.Cluster)
+	e.Cluster = filterTopologyPerFamily(sp, node, e.Cluster)
 	e.Local = pick(sp.Endpoints, func(ep Endpoint) bool { return ep.NodeName != "" && ep.NodeName == node.Name })
 
 	e.Internal, e.External = e.Cluster, e.Cluster
@@ -99,6 +99,24 @@ func pick(eps []Endpoint, keep func(Endpoint) bool) []Endpoint {
 		}
 	}
 	return out
+}
+
+// filterTopologyPerFamily applies filterTopology to each IP family's
+// endpoints on its own, as kube-proxy's per-family proxiers do: same-zone
+// IPv4 endpoints must not remove every IPv6 endpoint from the IPv6 rules.
+func filterTopologyPerFamily(sp *ServicePort, node Node, eps []Endpoint) []Endpoint {
+	var v4, v6 []Endpoint
+	for _, ep := range eps {
+		if FamilyOf(ep.IP) == IPv4 {
+			v4 = append(v4, ep)
+		} else {
+			v6 = append(v6, ep)
+		}
+	}
+	if len(v4) == 0 || len(v6) == 0 {
+		return filterTopology(sp, node, eps)
+	}
+	return append(filterTopology(sp, node, v4), filterTopology(sp, node, v6)...)
 }
 
 func filterTopology(sp *ServicePort, node Node, eps []Endpoint) []Endpoint {
